@@ -1,0 +1,221 @@
+"""Training data: read JSONL in four formats, tokenize with the chat template, pack.
+
+Every line becomes a chat (`messages`) or a plain `text` record; a line that is not valid is
+reported with its file and line number and nothing is dropped silently. Tokenized samples carry
+labels of -100 wherever no loss is taken (everything but the assistant's tokens in a chat).
+Packing puts several samples in one row with positions restarting per sample; transformers
+reads those restarts and keeps each token's attention inside its own sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IGNORE = -100
+ROLES = {"system", "user", "assistant"}
+
+
+class DataError(ValueError):
+    """A data file or line that cannot be used; the message starts with `file:line`."""
+
+
+@dataclass(frozen=True)
+class Record:
+    source: str  # "file:line", for error messages
+    messages: list[dict] | None = None
+    text: str | None = None
+
+
+def read_records(files: list[str], fmt: str) -> list[Record]:
+    """Parse and validate every line of every file; raise on the first bad one."""
+    records = []
+    for file in files:
+        path = Path(file)
+        if not path.is_file():
+            raise DataError(f"{file}: no such data file")
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    records.append(_parse_line(line, fmt, f"{file}:{number}"))
+    if not records:
+        raise DataError(f"{', '.join(files)}: no examples")
+    return records
+
+
+def _parse_line(line: str, fmt: str, source: str) -> Record:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{source}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{source}: expected a JSON object, got {type(row).__name__}")
+
+    def field(name: str, required: bool = True) -> str:
+        value = row.get(name)
+        if value is None and not required:
+            return ""
+        if not isinstance(value, str) or (required and not value.strip()):
+            raise DataError(f"{source}: format '{fmt}' needs a non-empty string '{name}'")
+        return value
+
+    if fmt == "messages":
+        return Record(source, messages=_check_messages(row.get("messages"), source))
+    if fmt == "prompt_completion":
+        return Record(source, messages=[{"role": "user", "content": field("prompt")},
+                                        {"role": "assistant", "content": field("completion")}])
+    if fmt == "alpaca":
+        extra = field("input", required=False)
+        prompt = field("instruction") + (f"\n\n{extra}" if extra.strip() else "")
+        return Record(source, messages=[{"role": "user", "content": prompt},
+                                        {"role": "assistant", "content": field("output")}])
+    if fmt == "text":
+        return Record(source, text=field("text"))
+    raise DataError(f"{source}: unknown format '{fmt}'")
+
+
+def _check_messages(messages, source: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{source}: 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise DataError(f"{source}: messages[{i}] needs a role in {sorted(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise DataError(f"{source}: messages[{i}].content must be a string")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{source}: no assistant message, so nothing to learn")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def files_hash(files: list[str]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(Path(file).read_bytes())
+    return digest.hexdigest()
+
+
+def tokenize(record: Record, tokenizer, max_seq_len: int) -> dict:
+    """Token ids and labels; for chats, loss only on assistant turns. Truncates to max_seq_len."""
+    if record.text is not None:
+        ids = tokenizer(record.text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+        labels = list(ids)
+    else:
+        ids, labels = _tokenize_chat(record.messages, tokenizer)
+    return {"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len],
+            "truncated": len(ids) > max_seq_len}
+
+
+def _tokenize_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    # Render growing prefixes of the chat: the tokens an assistant turn adds to the prompt that
+    # precedes it are the ones it is trained on. Works for any chat template, not just ours.
+    def render(msgs, generation_prompt):
+        return tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=generation_prompt,
+                                             return_dict=False)
+
+    ids = render(messages, False)
+    labels = [IGNORE] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render(messages[:i], True))
+        end = len(render(messages[: i + 1], False))
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def pack(samples: list[dict], max_seq_len: int, pad_id: int) -> list[dict]:
+    """First-fit-decreasing packing into rows of max_seq_len; positions restart per sample."""
+    bins: list[list[dict]] = []
+    space: list[int] = []
+    for sample in sorted(samples, key=lambda s: len(s["input_ids"]), reverse=True):
+        n = len(sample["input_ids"])
+        for b, free in enumerate(space):
+            if n <= free:
+                bins[b].append(sample)
+                space[b] -= n
+                break
+        else:
+            bins.append([sample])
+            space.append(max_seq_len - n)
+    return [_row(b, max_seq_len, pad_id) for b in bins]
+
+
+def pad(samples: list[dict], max_seq_len: int, pad_id: int) -> list[dict]:
+    """One sample per row (no packing)."""
+    return [_row([s], max_seq_len, pad_id) for s in samples]
+
+
+def _row(samples: list[dict], length: int, pad_id: int) -> dict:
+    ids, labels, positions = [], [], []
+    for s in samples:
+        n = len(s["input_ids"])
+        ids += s["input_ids"]
+        # A sample's first token is never predicted: in a packed row the token before it
+        # belongs to another sample.
+        labels += [IGNORE] + s["labels"][1:]
+        positions += range(n)
+    fill = length - len(ids)
+    return {
+        "input_ids": np.array(ids + [pad_id] * fill, dtype=np.int64),
+        "labels": np.array(labels + [IGNORE] * fill, dtype=np.int64),
+        "position_ids": np.array(positions + list(range(fill)), dtype=np.int64),
+        "num_tokens": np.int64(len(ids)),
+    }
+
+
+class Tokenize:
+    """Ray Data `map_batches` callable: raw records in, rows of fixed length out."""
+
+    def __init__(self, tokenizer_path: str, chat_template: str | None, max_seq_len: int,
+                 packing: bool):
+        from attune.modeling import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer_path, chat_template)
+        self.max_seq_len = max_seq_len
+        self.packing = packing
+
+    def __call__(self, batch: dict) -> dict:
+        records = [Record(s, json.loads(m) if m else None, t or None)
+                   for s, m, t in zip(batch["source"], batch["messages"], batch["text"])]
+        samples = [tokenize(r, self.tokenizer, self.max_seq_len) for r in records]
+        rows = (pack if self.packing else pad)(samples, self.max_seq_len, self.tokenizer.pad_token_id)
+        return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+
+
+def as_items(records: list[Record]) -> list[dict]:
+    """Records as flat rows for `ray.data.from_items` (Arrow wants one type per column)."""
+    return [{"source": r.source, "messages": json.dumps(r.messages) if r.messages else "",
+             "text": r.text or ""} for r in records]
+
+
+def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out a seeded random `fraction` of records; with 0, eval on the training records."""
+    if fraction == 0:
+        return records, records
+    order = np.random.default_rng(seed).permutation(len(records))
+    n_eval = max(1, int(len(records) * fraction))
+    held = set(order[:n_eval].tolist())
+    return ([r for i, r in enumerate(records) if i not in held],
+            [r for i, r in enumerate(records) if i in held])
+
+
+def local_rows(records: list[Record], tokenizer_path: str, chat_template: str | None,
+               max_seq_len: int, packing: bool) -> list[dict]:
+    """The rows Ray Data would produce, built in this process (for runs without Ray)."""
+    batch = {key: [item[key] for item in as_items(records)] for key in ("source", "messages", "text")}
+    out = Tokenize(tokenizer_path, chat_template, max_seq_len, packing)(batch)
+    return [{key: out[key][i] for key in out} for i in range(len(out["input_ids"]))]
+
+
+def batches(rows: list[dict], batch_size: int, seed: int):
+    """Shuffled batches of stacked rows, like Ray Data's `iter_torch_batches`."""
+    import torch
+
+    order = np.random.default_rng(seed).permutation(len(rows))
+    for start in range(0, len(order), batch_size):
+        chunk = [rows[i] for i in order[start:start + batch_size]]
+        yield {key: torch.as_tensor(np.stack([r[key] for r in chunk])) for key in chunk[0]}

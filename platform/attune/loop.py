@@ -1,0 +1,231 @@
+"""The per-worker training loop: plain PyTorch, no Ray.
+
+    result = train_loop(recipe, base_path, Loop(train_batches=..., eval_batches=...))
+
+Ray Train calls it in every worker (attune.trainer wires it up); a benchmark or a debugger calls
+it directly in one process. What it needs from outside comes in through `Loop`: the batches, a
+`report` hook for metrics and checkpoints, and the checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from attune import parallel
+from attune.config import Recipe
+from attune.modeling import load_model, training_dtype
+
+STATE_FILE = "trainer_state.pt"
+HISTORY_FILE = "history.json"
+MODEL_DIR = "model"
+
+# Dense bf16 peak FLOP/s, for MFU; devices not listed report no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
+
+
+@dataclass
+class Loop:
+    train_batches: Callable[[int], Iterable[dict]]  # epoch -> batches of tensors
+    eval_batches: Callable[[], Iterable[dict]] | None = None
+    steps_per_epoch: int | None = None  # needed when the recipe counts epochs
+    # (metrics, checkpoint directory or None) -> None; every rank calls it at the same steps
+    report: Callable[[dict, str | None], None] = lambda metrics, ckpt: None
+    resume_from: str | None = None  # a checkpoint directory written by this loop
+    checkpoint_root: str = "/tmp/attune-checkpoints"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token loss over labelled tokens, and how many there were."""
+    # use_cache=False: with a cache, transformers skips the packed-sequence mask.
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                   use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                             ignore_index=-100, reduction="none")
+    return losses.sum(), (labels != -100).sum()
+
+
+def build_model(recipe: Recipe, base_path: str, device: torch.device, resume_from: str | None):
+    dtype = training_dtype(recipe.model.dtype, device.type == "cuda")
+    is_lora = recipe.method.type == "lora"
+    weights = base_path if is_lora or not resume_from else os.path.join(resume_from, MODEL_DIR)
+    model = load_model(weights, dtype, recipe.model.attn_implementation)
+    if is_lora:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if resume_from:
+            model = PeftModel.from_pretrained(model, os.path.join(resume_from, MODEL_DIR),
+                                              is_trainable=True)
+        else:
+            m = recipe.method
+            model = get_peft_model(model, LoraConfig(
+                r=m.rank, lora_alpha=m.alpha, lora_dropout=m.dropout,
+                target_modules=m.target_modules, task_type="CAUSAL_LM"))
+    return model
+
+
+def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
+    """Run the recipe's optimisation; returns the final metrics (on every rank)."""
+    from transformers import get_scheduler
+
+    torch.manual_seed(recipe.optim.seed)
+    o, device = recipe.optim, loop.device
+    max_steps = o.max_steps or math.ceil(o.epochs * loop.steps_per_epoch)
+    model = build_model(recipe, base_path, device, loop.resume_from)
+    flops_per_token = _flops_per_token(model, recipe.data.max_seq_len)
+    model = parallel.wrap(model, recipe.scaling.strategy, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[o.schedule]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=o.warmup_steps,
+                              num_training_steps=max_steps)
+
+    step, history = 0, []
+    if loop.resume_from:
+        state = torch.load(os.path.join(loop.resume_from, STATE_FILE), weights_only=False)
+        parallel.load_optimizer_state(model, optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        history = json.loads(Path(loop.resume_from, HISTORY_FILE).read_text())
+        _log(f"resumed from step {step} ({loop.resume_from})")
+
+    batches = _endless(loop.train_batches, start_epoch=step // (loop.steps_per_epoch or max_steps))
+    peak = _peak_flops(device)
+    window_tokens, window_start, metrics = 0.0, time.perf_counter(), {}
+    model.train()
+    while step < max_steps:
+        micro = [_to(next(batches), device) for _ in range(o.grad_accum_steps)]
+        local_labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        (global_labelled,) = parallel.all_reduce_sum([local_labelled], device)
+        loss_sum = 0.0
+        for i, batch in enumerate(micro):
+            with parallel.sync_gradients(model, sync=i == len(micro) - 1):
+                total, _ = token_losses(model, batch)
+                # DDP and FSDP average gradients over ranks; scale so the step's loss is the
+                # mean over every labelled token on every rank.
+                (total * parallel.world_size() / max(global_labelled, 1)).backward()
+            loss_sum += total.item()
+            window_tokens += float(batch["num_tokens"].sum())
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
+                     if o.max_grad_norm else None)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        loss_total, tokens_total = parallel.all_reduce_sum([loss_sum, window_tokens], device)
+        metrics = {"step": step, "loss": loss_total / max(global_labelled, 1),
+                   "lr": scheduler.get_last_lr()[0]}
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        at_eval = step % recipe.eval.every_steps == 0 or step == max_steps
+        at_checkpoint = step % recipe.checkpoint.every_steps == 0 or step == max_steps
+        if step % recipe.eval.log_every_steps == 0 or at_eval or at_checkpoint:
+            elapsed = time.perf_counter() - window_start
+            metrics["tokens_per_s"] = tokens_total / elapsed
+            if peak:
+                metrics["mfu"] = metrics["tokens_per_s"] / parallel.world_size() * flops_per_token / peak
+            window_tokens, window_start = 0.0, time.perf_counter()
+        if at_eval and loop.eval_batches is not None:
+            metrics["eval_loss"] = evaluate(model, loop.eval_batches(), device)
+        if "tokens_per_s" in metrics:
+            _log(_progress_line(metrics, max_steps))
+        _maybe_inject_fault(step)
+        if at_eval or at_checkpoint:
+            history.append(metrics)
+            checkpoint = (_save_checkpoint(model, optimizer, scheduler, step, history, loop)
+                          if at_checkpoint else None)
+            loop.report(metrics, checkpoint)
+    return metrics
+
+
+def evaluate(model, batches: Iterable[dict], device: torch.device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            loss, n = token_losses(model, _to(batch, device))
+            total, count = total + loss.item(), count + int(n)
+    model.train()
+    total, count = parallel.all_reduce_sum([total, count], device)
+    return total / max(count, 1)
+
+
+def _save_checkpoint(model, optimizer, scheduler, step, history, loop: Loop) -> str | None:
+    """Every rank joins the gather; rank 0 writes `model/` (HF format) and the trainer state."""
+    weights = parallel.trainable_state_dict(model)
+    optim_state = parallel.optimizer_state(model, optimizer)
+    if parallel.rank() != 0:
+        return None
+    path = Path(loop.checkpoint_root) / f"step-{step:07d}"
+    unwrapped = getattr(model, "module", model)
+    unwrapped.save_pretrained(path / MODEL_DIR, state_dict=weights)
+    torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": step},
+               path / STATE_FILE)
+    (path / HISTORY_FILE).write_text(json.dumps(history))
+    return str(path)
+
+
+def _endless(make_batches: Callable[[int], Iterable[dict]], start_epoch: int):
+    epoch = start_epoch
+    while True:
+        empty = True
+        for batch in make_batches(epoch):
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("the training data yielded no batches for this worker")
+        epoch += 1
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _flops_per_token(model, seq_len: int) -> float:
+    # 6N for the matmuls (forward + backward) plus attention scores: 12 * layers * hidden * seq.
+    config = model.config
+    n = sum(p.numel() for p in model.parameters())
+    return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+def _progress_line(m: dict, max_steps: int) -> str:
+    parts = [f"step {m['step']}/{max_steps}", f"loss {m['loss']:.4f}"]
+    if "eval_loss" in m:
+        parts.append(f"eval {m['eval_loss']:.4f}")
+    parts += [f"lr {m['lr']:.2e}", f"{m['tokens_per_s']:,.0f} tok/s"]
+    if "mfu" in m:
+        parts.append(f"MFU {m['mfu']:.1%}")
+    return " | ".join(parts)
+
+
+def _log(line: str) -> None:
+    if parallel.rank() == 0:
+        print(f"[attune] {line}", flush=True)
+
+
+def _maybe_inject_fault(step: int) -> None:
+    """Fault injection for recovery tests: ATTUNE_FAULT_AT_STEP=N kills the last rank at step N,
+    once (ATTUNE_FAULT_MARKER names a file that records that it happened)."""
+    at, marker = os.environ.get("ATTUNE_FAULT_AT_STEP"), os.environ.get("ATTUNE_FAULT_MARKER")
+    if at and marker and step == int(at) and parallel.rank() == parallel.world_size() - 1:
+        if not os.path.exists(marker):
+            Path(marker).write_text(f"failed at step {step}\n")
+            os._exit(1)

@@ -1,0 +1,114 @@
+"""Base models: resolve a name to a local directory, build the tiny default, load for training.
+
+    python -m attune.modeling            # builds attune:tiny-llama into ~/.attune/models
+
+`attune:tiny-llama` is a Llama-architecture model small enough to fine-tune in a minute on two
+CPU cores, with a byte-level BPE tokenizer trained on the bundled corpus. Its weights are random:
+everything it knows comes from fine-tuning. head_dim is 64 because vLLM's CPU attention kernels
+reject smaller heads. Any other name is a Hugging Face id or a local directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import torch
+
+TINY_NAME = "attune:tiny-llama"
+ATTUNE_HOME = Path(os.environ.get("ATTUNE_HOME", "~/.attune")).expanduser()
+
+# Ends every assistant turn with the EOS token, so generation stops where the answer does.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' }}"
+    "{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ message['content'] + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+TINY_SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
+TINY_VOCAB = 2048
+
+
+def resolve(name_or_path: str) -> str:
+    """A local directory for the tiny model (built on first use), else the name unchanged."""
+    if name_or_path == TINY_NAME:
+        return str(ensure_tiny_llama())
+    return os.path.expanduser(name_or_path) if name_or_path.startswith(("~", ".", "/")) else name_or_path
+
+
+def ensure_tiny_llama(root: Path | None = None) -> Path:
+    """Build the tiny model once; concurrent callers (Ray workers) wait for the first one."""
+    out = (root or ATTUNE_HOME / "models") / "tiny-llama"
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".tiny-llama.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "config.json").exists():
+            build_tiny_llama(out)
+    return out
+
+
+def build_tiny_llama(out: Path, seed: int = 0) -> Path:
+    """Train the tokenizer on the bundled corpus, initialise the model, save both to `out`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from attune.corpus import examples
+
+    texts = [m["content"] for e in examples() for m in e["messages"]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", chat_template=CHAT_TEMPLATE,
+                                        model_max_length=TINY_SHAPE["max_position_embeddings"])
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False, torch_dtype="float32", **TINY_SHAPE)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def training_dtype(dtype: str, on_gpu: bool) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(path: str, chat_template: str | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                attn_implementation=attn_implementation)
+
+
+if __name__ == "__main__":
+    print(ensure_tiny_llama())

@@ -1,0 +1,130 @@
+"""Registry entries: what training leaves behind and what serving reads.
+
+An entry is a directory (local, or under an s3:// / gs:// URI through pyarrow) holding
+- the model: full weights (`model.safetensors`, `config.json`) or a LoRA adapter that vLLM loads
+  (`adapter_config.json`, `adapter_model.safetensors`; no `modules_to_save`, no resized vocab),
+- the tokenizer with its chat template,
+- `attune.json`: base model, method, LoRA settings, dataset hash, metrics, the recipe, timestamps,
+- `loss_curve.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from attune.config import Recipe
+
+MANIFEST = "attune.json"
+
+
+def entry_location(recipe: Recipe) -> str:
+    root = recipe.output.registry
+    if "://" in root:
+        return f"{root.rstrip('/')}/{recipe.entry_name}"
+    return str(Path(root).expanduser().resolve() / recipe.entry_name)
+
+
+def write_entry(recipe: Recipe, checkpoint_dir: Path, base_path: str, *, data_hash: str,
+                data_stats: dict, extra: dict | None = None) -> str:
+    """Turn a final training checkpoint into a registry entry; returns its location."""
+    from attune.loop import HISTORY_FILE, MODEL_DIR
+    from attune.modeling import load_tokenizer
+
+    location = entry_location(recipe)
+    history = json.loads((checkpoint_dir / HISTORY_FILE).read_text())
+    with tempfile.TemporaryDirectory(prefix="attune-entry-") as tmp:
+        staging = Path(tmp) / recipe.entry_name
+        shutil.copytree(checkpoint_dir / MODEL_DIR, staging)
+        load_tokenizer(base_path, recipe.data.chat_template).save_pretrained(staging)
+        if recipe.method.type == "lora":
+            _point_adapter_at_base(staging, base_path)
+        manifest = _manifest(recipe, base_path, history, data_hash, data_stats, extra or {})
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        plot_losses(history, staging / "loss_curve.png", title=recipe.entry_name)
+        _publish(staging, location)
+    return location
+
+
+def _point_adapter_at_base(entry: Path, base_path: str) -> None:
+    config_path = entry / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base_path
+    config["modules_to_save"] = None
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _manifest(recipe: Recipe, base_path: str, history: list[dict], data_hash: str,
+              data_stats: dict, extra: dict) -> dict:
+    evals = [h for h in history if "eval_loss" in h]
+    best = min(evals, key=lambda h: h["eval_loss"]) if evals else None
+    m = recipe.method
+    return {
+        "name": recipe.entry_name,
+        "base_model": recipe.model.name_or_path,
+        "base_model_path": base_path,
+        "method": m.type,
+        "lora": ({"rank": m.rank, "alpha": m.alpha, "dropout": m.dropout,
+                  "target_modules": m.target_modules} if m.type == "lora" else None),
+        "dataset": {"files": recipe.data.train_files, "sha256": data_hash, **data_stats},
+        "final_metrics": history[-1] if history else {},
+        "best_metrics": best,
+        "history": history,
+        "recipe": recipe.model_dump(mode="json"),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def plot_losses(history: list[dict], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
+    evals = [h for h in history if "eval_loss" in h]
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], label="eval loss")
+    ax.set(xlabel="step", ylabel="loss", title=title, yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def _publish(staging: Path, location: str) -> None:
+    """Replace the entry at `location` with `staging` (atomically for local directories)."""
+    if "://" in location:
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(location)
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+        pafs.copy_files(str(staging), path, destination_filesystem=fs)
+        return
+    target = Path(location)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    incoming = target.with_name(f".{target.name}.incoming")
+    shutil.rmtree(incoming, ignore_errors=True)
+    shutil.copytree(staging, incoming)
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+    os.rename(incoming, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(location: str) -> dict:
+    if "://" in location:
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(location)
+        with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
+            return json.loads(f.read())
+    return json.loads((Path(location).expanduser() / MANIFEST).read_text())

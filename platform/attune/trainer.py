@@ -1,0 +1,153 @@
+"""Ray Train wiring: the recipe's data as Ray Datasets, the loop in a TorchTrainer, the entry.
+
+    entry = fine_tune(load_recipe("recipes/tiny-full.yaml"))
+
+Everything Ray-specific about training lives here; the loop itself is `attune.loop`.
+Recovery: a lost worker restarts the whole group from the latest reported checkpoint
+(`FailureConfig`), and a run started again with the same name and storage resumes from it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from attune import data, modeling, registry
+from attune.config import Recipe
+
+
+@dataclass
+class PreparedData:
+    train: "ray.data.Dataset"
+    eval: "ray.data.Dataset"
+    rows: int
+    files_hash: str
+    stats: dict
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join RAY_ADDRESS when set (or when running as a Ray job), else start Ray in-process."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        # Logical CPUs beyond the cores: Train's workers, Data's tasks and Serve's actors each
+        # claim one while mostly waiting on each other.
+        ray.init(num_cpus=num_cpus or max(6, 2 * (os.cpu_count() or 1)), log_to_driver=True)
+
+
+def prepare_data(recipe: Recipe, tokenizer_path: str) -> PreparedData:
+    """Validate every line on the driver (errors name file:line), then tokenize with Ray Data."""
+    d = recipe.data
+    records = data.read_records(d.train_files, d.format)
+    if d.eval_files:
+        train_records, eval_records = records, data.read_records(d.eval_files, d.format)
+    else:
+        train_records, eval_records = data.split_eval(records, d.eval_fraction, recipe.optim.seed)
+    tokenize = dict(fn_constructor_kwargs=dict(tokenizer_path=tokenizer_path, chat_template=d.chat_template,
+                                               max_seq_len=d.max_seq_len, packing=d.packing),
+                    batch_size=4096, concurrency=1)
+    train_ds = ray.data.from_items(data.as_items(train_records)).map_batches(data.Tokenize, **tokenize)
+    eval_ds = ray.data.from_items(data.as_items(eval_records)).map_batches(data.Tokenize, **tokenize)
+    train_ds, eval_ds = train_ds.materialize(), eval_ds.materialize()
+    rows = train_ds.count()
+    tokens = train_ds.sum("num_tokens")
+    stats = {"train_examples": len(train_records), "eval_examples": len(eval_records),
+             "train_rows": rows, "train_tokens": int(tokens),
+             "fill": tokens / (rows * d.max_seq_len)}
+    files = d.train_files + d.eval_files
+    return PreparedData(train_ds, eval_ds, rows, data.files_hash(files), stats)
+
+
+def steps_per_epoch(recipe: Recipe, rows: int) -> int:
+    per_worker = rows // recipe.scaling.num_workers  # Ray's equal split drops the remainder
+    if per_worker == 0:
+        raise ValueError(f"{rows} packed rows cannot feed {recipe.scaling.num_workers} workers; "
+                         "lower scaling.num_workers or data.max_seq_len")
+    return math.ceil(per_worker / recipe.optim.micro_batch_size / recipe.optim.grad_accum_steps)
+
+
+def _train_worker(config: dict) -> None:
+    """Runs in every Ray Train worker."""
+    from attune.loop import Loop, train_loop
+
+    recipe = Recipe.model_validate(config["recipe"])
+    micro = recipe.optim.micro_batch_size
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval")
+    checkpoint = ray.train.get_checkpoint()
+    resume_from = checkpoint.to_directory() if checkpoint else None
+    scratch = tempfile.mkdtemp(prefix="attune-ckpt-")
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+        if checkpoint_dir:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted by Ray by now
+
+    loop = Loop(
+        # [1] each worker reads its own shard of the packed rows, reshuffled every epoch
+        train_batches=lambda epoch: train_shard.iter_torch_batches(
+            batch_size=micro, local_shuffle_buffer_size=4 * micro,
+            local_shuffle_seed=recipe.optim.seed + epoch),
+        # every worker evaluates the same rows, so FSDP's collectives stay in step
+        eval_batches=lambda: eval_shard.iter_torch_batches(batch_size=micro),
+        steps_per_epoch=config["steps_per_epoch"],
+        report=report,
+        resume_from=resume_from,
+        checkpoint_root=scratch,
+        device=ray.train.torch.get_device(),  # [2] the device Ray Train assigned this worker
+    )
+    train_loop(recipe, config["base_path"], loop)
+
+
+def fine_tune(recipe: Recipe) -> str:
+    """Train the recipe on Ray and write its registry entry; returns the entry's location."""
+    base_path = modeling.resolve(recipe.model.name_or_path)
+    ensure_ray()
+    prepared = prepare_data(recipe, base_path)
+    s = prepared.stats
+    print(f"[attune] data: {s['train_examples']} examples -> {s['train_rows']} rows of "
+          f"{recipe.data.max_seq_len} tokens ({s['fill']:.1%} filled), {s['eval_examples']} for eval",
+          flush=True)
+    sc = recipe.scaling
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"recipe": recipe.model_dump(), "base_path": base_path,
+                           "steps_per_epoch": steps_per_epoch(recipe, prepared.rows)},
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.gpus_per_worker > 0,
+                                     resources_per_worker=_resources(recipe)),
+        run_config=RunConfig(
+            name=recipe.name, storage_path=_storage(recipe.output.runs),
+            checkpoint_config=CheckpointConfig(num_to_keep=recipe.checkpoint.keep),
+            failure_config=FailureConfig(max_failures=recipe.checkpoint.max_failures)),
+        datasets={"train": prepared.train, "eval": prepared.eval},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        return registry.write_entry(recipe, Path(checkpoint_dir), base_path,
+                                    data_hash=prepared.files_hash, data_stats=prepared.stats)
+
+
+def _resources(recipe: Recipe) -> dict:
+    resources = {"CPU": recipe.scaling.cpus_per_worker}
+    if recipe.scaling.gpus_per_worker:
+        resources["GPU"] = recipe.scaling.gpus_per_worker
+    return resources
+
+
+def _storage(location: str) -> str:
+    return location if "://" in location else str(Path(location).expanduser().resolve())
