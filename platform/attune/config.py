@@ -10,11 +10,17 @@ combinations fail here, before any cluster work, with the key's dotted path.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+def attune_home() -> Path:
+    """Where attune keeps built models, runs and the registry unless told otherwise."""
+    return Path(os.environ.get("ATTUNE_HOME", "~/.attune")).expanduser()
 
 
 class RecipeError(ValueError):
@@ -117,12 +123,14 @@ class EvalConfig(_Strict):
 
 class OutputConfig(_Strict):
     registry: str = Field(
-        "~/.attune/registry", description="Registry root: a local directory or a pyarrow "
-        "filesystem URI (s3://bucket/prefix, gs://...).",
+        default_factory=lambda: str(attune_home() / "registry"),
+        description="Registry root: a local directory or a pyarrow filesystem URI "
+        "(s3://bucket/prefix, gs://...). Default: $ATTUNE_HOME/registry.",
     )
     name: str | None = Field(None, description="Entry name; defaults to the recipe's name.")
-    runs: str = Field("~/.attune/runs", description="Ray Train storage (checkpoints, run state); "
-                      "a run started again with the same name resumes from here.")
+    runs: str = Field(default_factory=lambda: str(attune_home() / "runs"),
+                      description="Ray Train storage (checkpoints, run state); a run started "
+                      "again with the same name resumes from here. Default: $ATTUNE_HOME/runs.")
 
 
 class Recipe(_Strict):

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from attune.config import attune_home
+
 TINY_NAME = "attune:tiny-llama"
-ATTUNE_HOME = Path(os.environ.get("ATTUNE_HOME", "~/.attune")).expanduser()
 
 # Ends every assistant turn with the EOS token, so generation stops where the answer does.
 CHAT_TEMPLATE = (
@@ -43,7 +44,7 @@ def resolve(name_or_path: str) -> str:
 
 def ensure_tiny_llama(root: Path | None = None) -> Path:
     """Build the tiny model once; concurrent callers (Ray workers) wait for the first one."""
-    out = (root or ATTUNE_HOME / "models") / "tiny-llama"
+    out = (root or attune_home() / "models") / "tiny-llama"
     if (out / "config.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

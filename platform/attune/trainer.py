@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import ray.data
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -36,6 +37,9 @@ class PreparedData:
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join RAY_ADDRESS when set (or when running as a Ray job), else start Ray in-process."""
+    # Ray Data's progress bars flood the logs of a job whose datasets are tiny.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -111,6 +115,26 @@ def _train_worker(config: dict) -> None:
     train_loop(recipe, config["base_path"], loop)
 
 
+def make_trainer(recipe: Recipe, base_path: str, prepared: PreparedData, *,
+                 storage_path: str | None = None, callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer for a recipe (Tune builds one per trial with its own callbacks)."""
+    sc = recipe.scaling
+    return TorchTrainer(
+        _train_worker,
+        train_loop_config={"recipe": recipe.model_dump(), "base_path": base_path,
+                           "steps_per_epoch": steps_per_epoch(recipe, prepared.rows)},
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.gpus_per_worker > 0,
+                                     resources_per_worker=_resources(recipe)),
+        run_config=RunConfig(
+            name=recipe.name, storage_path=storage_path or _storage(recipe.output.runs),
+            checkpoint_config=CheckpointConfig(num_to_keep=recipe.checkpoint.keep),
+            failure_config=FailureConfig(max_failures=recipe.checkpoint.max_failures),
+            callbacks=callbacks),
+        datasets={"train": prepared.train, "eval": prepared.eval},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
 def fine_tune(recipe: Recipe) -> str:
     """Train the recipe on Ray and write its registry entry; returns the entry's location."""
     base_path = modeling.resolve(recipe.model.name_or_path)
@@ -120,26 +144,19 @@ def fine_tune(recipe: Recipe) -> str:
     print(f"[attune] data: {s['train_examples']} examples -> {s['train_rows']} rows of "
           f"{recipe.data.max_seq_len} tokens ({s['fill']:.1%} filled), {s['eval_examples']} for eval",
           flush=True)
-    sc = recipe.scaling
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"recipe": recipe.model_dump(), "base_path": base_path,
-                           "steps_per_epoch": steps_per_epoch(recipe, prepared.rows)},
-        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.gpus_per_worker > 0,
-                                     resources_per_worker=_resources(recipe)),
-        run_config=RunConfig(
-            name=recipe.name, storage_path=_storage(recipe.output.runs),
-            checkpoint_config=CheckpointConfig(num_to_keep=recipe.checkpoint.keep),
-            failure_config=FailureConfig(max_failures=recipe.checkpoint.max_failures)),
-        datasets={"train": prepared.train, "eval": prepared.eval},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
-    result = trainer.fit()
+    result = make_trainer(recipe, base_path, prepared).fit()
+    return write_result(recipe, result, base_path, prepared)
+
+
+def write_result(recipe: Recipe, result, base_path: str, prepared: PreparedData,
+                 extra: dict | None = None) -> str:
+    """The registry entry for a finished run (its last checkpoint holds the final weights)."""
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as checkpoint_dir:
         return registry.write_entry(recipe, Path(checkpoint_dir), base_path,
-                                    data_hash=prepared.files_hash, data_stats=prepared.stats)
+                                    data_hash=prepared.files_hash, data_stats=prepared.stats,
+                                    extra=extra)
 
 
 def _resources(recipe: Recipe) -> dict:

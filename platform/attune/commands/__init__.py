@@ -1,0 +1,1 @@
+"""One module per `attune` subcommand: `HELP`, `add_arguments(parser)` and `run(args) -> int`."""
