@@ -19,6 +19,7 @@ COMMANDS = {
     "submit": "submit",
     "build-tiny": "build_tiny",
     "answers": "answers",
+    "k8s": "k8s",
 }
 
 

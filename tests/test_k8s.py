@@ -1,0 +1,431 @@
+"""k8s/: every overlay rendered with kustomize and checked as the API server and KubeRay would.
+
+    pytest tests/test_k8s.py
+
+The API server's part: the KubeRay v1 CRD schemas from ../shared/kuberay/ (beside the checkout),
+made strict (`additionalProperties: false` on every object that lists properties, as
+`kubectl apply --validate=strict` does) and checked after filling the CRD defaults. The operator's
+part: the checks KubeRay makes in code (validation.go) that the schema cannot. Then the project's
+own promises: one source of truth (serveConfigV2 from deployments/, entrypoints that load the
+same recipes and searches as local runs), the image and Ray version, the shared model store.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from attune import k8s
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "kuberay"
+CRDS = {"RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml",
+        "RayCluster": "ray.io_rayclusters.yaml"}
+OVERLAYS = k8s.overlays(REPO)
+STORE = "/tmp/attune-store"  # stands in for the ConfigMap's ATTUNE_STORE where one is needed
+
+
+# ---- the API server: strict CRD schemas with defaults --------------------------------------
+
+@pytest.fixture(scope="module")
+def validators() -> dict:
+    if not SHARED.is_dir():
+        pytest.fail(f"KubeRay CRD schemas not found at {SHARED}: these tests read them from "
+                    "shared/kuberay/ beside the checkout (CI has it); they are not in the repo")
+    out = {}
+    for kind, name in CRDS.items():
+        crd = yaml.safe_load((SHARED / name).read_text())
+        (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+        schema = strict(copy.deepcopy(v1["schema"]["openAPIV3Schema"]))
+        out[kind] = (schema, jsonschema.Draft7Validator(schema))
+    return out
+
+
+def strict(schema: dict) -> dict:
+    """Forbid unknown fields in every object that lists its fields, like --validate=strict."""
+    if "properties" in schema and "additionalProperties" not in schema \
+            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        schema["additionalProperties"] = False
+    for sub in schema.get("properties", {}).values():
+        strict(sub)
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            strict(schema[key])
+    for key in ("anyOf", "allOf", "oneOf"):
+        for sub in schema.get(key, []):
+            strict(sub)
+    return schema
+
+
+def fill_defaults(instance, schema: dict) -> None:
+    """What the API server does before validating: absent fields with a default get it."""
+    if isinstance(instance, dict):
+        for name, sub in schema.get("properties", {}).items():
+            if name not in instance and "default" in sub:
+                instance[name] = copy.deepcopy(sub["default"])
+            if name in instance:
+                fill_defaults(instance[name], sub)
+        if isinstance(schema.get("additionalProperties"), dict):
+            for value in instance.values():
+                fill_defaults(value, schema["additionalProperties"])
+    elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        for item in instance:
+            fill_defaults(item, schema["items"])
+
+
+def schema_errors(doc: dict, validators: dict) -> list[str]:
+    schema, validator = validators[doc["kind"]]
+    doc = copy.deepcopy(doc)
+    fill_defaults(doc, schema)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.path)))]
+
+
+# ---- the operator: KubeRay's own checks (ray-operator/controllers/ray/utils/validation.go) ----
+
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+UPGRADE_TYPES = {"NewCluster", "NewClusterWithIncrementalUpgrade", "None"}
+MAX_NAME = {"RayJob": 47, "RayService": 48, "RayCluster": 63}  # room for suffixes KubeRay adds
+
+
+def operator_errors(doc: dict) -> list[str]:
+    kind, name, spec = doc["kind"], doc["metadata"]["name"], doc["spec"]
+    errors = []
+    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) or len(name) > MAX_NAME[kind]:
+        errors.append(f"name {name!r}: not a DNS-1035 label of at most {MAX_NAME[kind]} characters")
+    if kind == "RayJob":
+        mode = spec.get("submissionMode", "K8sJobMode")
+        if mode not in SUBMISSION_MODES:
+            errors.append(f"submissionMode {mode!r}: not one of {sorted(SUBMISSION_MODES)}")
+        if mode != "InteractiveMode" and not spec.get("entrypoint", "").strip():
+            errors.append("entrypoint: empty")
+        ttl = spec.get("ttlSecondsAfterFinished", 0)
+        if ttl < 0 or (ttl > 0 and not spec.get("shutdownAfterJobFinishes")):
+            errors.append("ttlSecondsAfterFinished: must be >= 0, and > 0 needs shutdownAfterJobFinishes")
+        if spec.get("suspend") and not spec.get("shutdownAfterJobFinishes"):
+            errors.append("suspend: needs shutdownAfterJobFinishes")
+        if spec.get("backoffLimit", 0) < 0:
+            errors.append("backoffLimit: must be >= 0")
+        if spec.get("activeDeadlineSeconds", 1) <= 0:
+            errors.append("activeDeadlineSeconds: must be > 0")
+        if "rayClusterSpec" not in spec and not spec.get("clusterSelector"):
+            errors.append("one of rayClusterSpec or clusterSelector must be set")
+        if not isinstance(_yaml_or_error(spec.get("runtimeEnvYAML", "{}"), errors, "runtimeEnvYAML"),
+                          dict):
+            errors.append("runtimeEnvYAML: not a mapping")
+        errors += cluster_errors(spec.get("rayClusterSpec", {}))
+    if kind == "RayService":
+        config = _yaml_or_error(spec.get("serveConfigV2", ""), errors, "serveConfigV2")
+        if not (isinstance(config, dict) and config.get("applications")):
+            errors.append("serveConfigV2: no applications")
+        strategy = spec.get("upgradeStrategy", {}).get("type", "NewCluster")
+        if strategy not in UPGRADE_TYPES:
+            errors.append(f"upgradeStrategy.type {strategy!r}: not one of {sorted(UPGRADE_TYPES)}")
+        if spec["rayClusterConfig"]["headGroupSpec"].get("headService", {}).get("metadata", {}).get("name"):
+            errors.append("headGroupSpec.headService.metadata.name: must not be set")
+        errors += cluster_errors(spec["rayClusterConfig"])
+    return errors
+
+
+def cluster_errors(cluster: dict) -> list[str]:
+    errors = []
+    if not cluster.get("headGroupSpec", {}).get("template", {}).get("spec", {}).get("containers"):
+        errors.append("headGroupSpec: no container")
+    for group in cluster.get("workerGroupSpecs", []):
+        if not group["template"]["spec"].get("containers"):
+            errors.append(f"worker group {group['groupName']}: no container")
+        low, high = group.get("minReplicas", 0), group.get("maxReplicas", 2**31 - 1)
+        if not low <= group.get("replicas", low) <= high:
+            errors.append(f"worker group {group['groupName']}: replicas outside [minReplicas, maxReplicas]")
+    if cluster.get("authOptions", {}).get("mode") == "token" and \
+            _version(cluster.get("rayVersion", "0")) < (2, 52):
+        errors.append("authOptions.mode token: needs rayVersion 2.52.0 or newer")
+    return errors
+
+
+def _yaml_or_error(text: str, errors: list, what: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        errors.append(f"{what}: not valid YAML: {e}")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+# ---- rendering -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request) -> tuple[str, list[dict]]:
+    """An overlay's final manifests; fails (does not rewrite) if its serveConfigV2 is stale."""
+    return request.param, k8s.render(REPO, request.param, check=True)
+
+
+def of_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def clusters(docs: list[dict]):
+    for doc in docs:
+        if doc["kind"] in ("RayJob", "RayService"):
+            yield doc, doc["spec"].get("rayClusterSpec") or doc["spec"]["rayClusterConfig"]
+
+
+def pod_specs(cluster: dict):
+    yield "head", cluster["headGroupSpec"]["template"]["spec"]
+    for group in cluster.get("workerGroupSpecs", []):
+        yield group["groupName"], group["template"]["spec"]
+
+
+def test_overlays_exist():
+    assert {"cpu", "gpu"} <= set(OVERLAYS)
+
+
+def test_manifests_pass_strict_crd_schemas(overlay, validators):
+    name, docs = overlay
+    ray_docs = [d for d in docs if d["kind"] in CRDS]
+    assert {d["kind"] for d in ray_docs} == {"RayJob", "RayService"}
+    for doc in ray_docs:
+        assert doc["apiVersion"] == "ray.io/v1"
+        assert schema_errors(doc, validators) == [], f"{name}: {doc['kind']} {doc['metadata']['name']}"
+    # Besides the Ray resources, only what the model store needs.
+    assert {d["kind"] for d in docs} - set(CRDS) <= {"ConfigMap", "PersistentVolumeClaim"}
+
+
+def test_strict_schemas_catch_misspelled_fields(overlay, validators):
+    """The strictness is real: a misspelled field anywhere fails, as it would on the cluster."""
+    _, docs = overlay
+    job = copy.deepcopy(of_kind(docs, "RayJob")[0])
+    job["spec"]["entryPoint"] = job["spec"].pop("entrypoint")
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replica"] = 1
+    errors = schema_errors(job, validators)
+    assert any("entryPoint" in e for e in errors) and any("replica'" in e for e in errors), errors
+    # and the defaults are what make worker groups without min/maxReplicas valid
+    group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    del group["replica"], group["minReplicas"], group["maxReplicas"]
+    job["spec"]["entrypoint"] = job["spec"].pop("entryPoint")
+    assert schema_errors(job, validators) == []
+
+
+def test_manifests_pass_operator_checks(overlay):
+    name, docs = overlay
+    for doc in docs:
+        if doc["kind"] in CRDS:
+            assert operator_errors(doc) == [], f"{name}: {doc['kind']} {doc['metadata']['name']}"
+
+
+def test_operator_checks_catch_what_the_schema_cannot(overlay):
+    _, docs = overlay
+    job = copy.deepcopy(of_kind(docs, "RayJob")[0])
+    job["spec"].update(submissionMode="K8sMode", shutdownAfterJobFinishes=False,
+                       runtimeEnvYAML="working_dir: [/app")
+    errors = " ".join(operator_errors(job))
+    assert "submissionMode" in errors and "ttlSecondsAfterFinished" in errors \
+        and "runtimeEnvYAML" in errors
+    service = copy.deepcopy(of_kind(docs, "RayService")[0])
+    service["spec"]["serveConfigV2"] = "applications: {"
+    assert "serveConfigV2" in " ".join(operator_errors(service))
+
+
+def test_jobs_clean_up_and_retry(overlay):
+    _, docs = overlay
+    for job in of_kind(docs, "RayJob"):
+        spec = job["spec"]
+        assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+        assert spec["backoffLimit"] >= 1
+
+
+# ---- one source of truth ---------------------------------------------------------------------
+
+def test_serve_config_is_generated_from_deployments(overlay):
+    name, docs = overlay
+    (service,) = of_kind(docs, "RayService")
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == k8s.serve_config(REPO, name)
+
+
+def test_serve_config_passes_ray_serve_schema(overlay):
+    from ray.serve.schema import ServeDeploySchema
+
+    _, docs = overlay
+    (service,) = of_kind(docs, "RayService")
+    config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    assert config.http_options.host == "0.0.0.0" and config.http_options.port == 8000
+    assert all(app.import_path.startswith("attune.") for app in config.applications)
+
+
+def test_serve_patch_merges_into_named_application():
+    base = {"applications": [{"name": "llm", "args": {"a": 1, "nested": {"x": 1, "y": 2}}},
+                             {"name": "chat", "args": {"b": 2}}]}
+    patch = {"applications": [{"name": "llm", "args": {"nested": {"y": 3}, "c": [1]}}]}
+    assert k8s.merge(base, patch) == {"applications": [
+        {"name": "llm", "args": {"a": 1, "nested": {"x": 1, "y": 3}, "c": [1]}},
+        {"name": "chat", "args": {"b": 2}}]}
+    with pytest.raises(k8s.K8sError, match="no item named 'lmm'"):
+        k8s.merge(base, {"applications": [{"name": "lmm", "args": {}}]})
+
+
+def entrypoint_args(job: dict, store: str = STORE) -> list[str]:
+    """The entrypoint's words as the driver's shell would make them, ATTUNE_STORE set."""
+    text = job["spec"]["entrypoint"].replace("${ATTUNE_STORE:?}", store)
+    assert "$" not in text, f"{job['metadata']['name']}: unexpanded variable in {text!r}"
+    return shlex.split(text)
+
+
+def test_job_entrypoints_load_the_repos_recipes_and_searches(overlay):
+    """`attune train RECIPE ...` / `attune tune SEARCH ...` with files from this repo, and the
+    overrides validate as a local run's would; results go to the model store."""
+    from attune.config import Recipe, load_recipe
+    from attune.tune_config import load_search
+
+    _, docs = overlay
+    commands = set()
+    for job in of_kind(docs, "RayJob"):
+        program, command, path, *overrides = entrypoint_args(job)
+        assert program == "attune" and (REPO / path).is_file(), job["spec"]["entrypoint"]
+        commands.add(command)
+        if command == "train":
+            recipe = load_recipe(REPO / path, overrides)
+        else:  # the recipe every trial trains: the search's overrides, then the command's
+            _, recipe_raw = load_search(REPO / path, overrides)
+            recipe = Recipe.model_validate(recipe_raw)
+        assert recipe.output.registry == f"{STORE}/registry"
+        assert recipe.output.runs == f"{STORE}/runs"
+    assert commands == {"train", "tune"}
+
+
+def test_gpus_requested_where_ray_is_told_about_them(overlay):
+    """nvidia.com/gpu requests, limits and the num-gpus Ray advertises agree, in every group;
+    and the recipe asks for GPUs exactly where the cluster has them."""
+    name, docs = overlay
+    for doc, cluster in clusters(docs):
+        groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+        gpus = 0
+        for group in groups:
+            resources = group["template"]["spec"]["containers"][0]["resources"]
+            requested = int(resources.get("requests", {}).get("nvidia.com/gpu", 0))
+            assert requested == int(resources.get("limits", {}).get("nvidia.com/gpu", 0))
+            assert requested == int(group.get("rayStartParams", {}).get("num-gpus", 0))
+            gpus += requested
+        assert (gpus > 0) == (name == "gpu"), f"{name}: {doc['metadata']['name']}"
+        if doc["kind"] == "RayJob":
+            asks = any(a.startswith("scaling.gpus_per_worker=") and float(a.split("=")[1]) > 0
+                       for a in entrypoint_args(doc))
+            assert asks == (gpus > 0), doc["spec"]["entrypoint"]
+
+
+# ---- the model store ---------------------------------------------------------------------------
+
+def test_every_ray_pod_sees_the_model_store(overlay):
+    name, docs = overlay
+    (store,) = of_kind(docs, "ConfigMap")
+    root = store["data"]["ATTUNE_STORE"]
+    claims = {d["metadata"]["name"] for d in of_kind(docs, "PersistentVolumeClaim")}
+    for doc, cluster in clusters(docs):
+        for group, pod in pod_specs(cluster):
+            where = f"{name}: {doc['metadata']['name']} {group}"
+            (container,) = pod["containers"]
+            assert container["envFrom"][0] == {"configMapRef": {"name": "attune-model-store"}}, where
+            (volume,) = [v for v in pod["volumes"] if v["name"] == "models"]
+            assert {"name": "models", "mountPath": "/models"} in container["volumeMounts"], where
+            if root.startswith("/"):  # a path: it must be the shared claim, not pod scratch
+                assert root == "/models", where
+                assert volume.get("persistentVolumeClaim", {}).get("claimName") in claims, where
+            else:  # an object store: credentials required
+                assert "://" in root, where
+                assert container["envFrom"][1]["secretRef"]["optional"] is False, where
+    for job in of_kind(docs, "RayJob"):  # the submitter's shell expands ${ATTUNE_STORE}
+        (submitter,) = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+        assert {"configMapRef": {"name": "attune-model-store"}} in submitter["envFrom"]
+
+
+def test_served_entries_are_on_the_model_store(overlay):
+    name, docs = overlay
+    root = of_kind(docs, "ConfigMap")[0]["data"]["ATTUNE_STORE"]
+    (service,) = of_kind(docs, "RayService")
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    entries = [e for app in config["applications"] for e in app.get("args", {}).get("entries", [])]
+    assert entries, f"{name}: nothing served"
+    for entry in entries:
+        assert entry.startswith(f"{root}/registry/"), f"{name}: {entry} is not under {root}/registry"
+
+
+def test_api_keys_come_from_the_secret(overlay):
+    _, docs = overlay
+    (service,) = of_kind(docs, "RayService")
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (app,) = [a for a in config["applications"] if a["args"].get("auth") == "api_key"]
+    key_file = Path(app["args"]["api_keys_file"])
+    for _, pod in pod_specs(service["spec"]["rayClusterConfig"]):
+        (volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "attune-api-keys"]
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+        assert key_file.parent == Path(mount["mountPath"]) and mount["readOnly"]
+
+
+def test_serve_workers_are_ready_on_the_health_route(overlay):
+    _, docs = overlay
+    (service,) = of_kind(docs, "RayService")
+    for group in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        probe = group["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]
+        assert probe == {"path": "/-/healthz", "port": 8000}
+    assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+
+
+# ---- image and versions ------------------------------------------------------------------------
+
+def test_one_image_of_this_version_and_the_pinned_ray(overlay):
+    name, docs = overlay
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    (ray_pin,) = [d for d in project["dependencies"] if d.startswith("ray[")]
+    flavour = {"cpu": "cpu", "gpu": "cuda"}[name]
+    images = set()
+    for doc, cluster in clusters(docs):
+        assert cluster["rayVersion"] == ray_pin.split("==")[1]
+        images |= {c["image"] for _, pod in pod_specs(cluster) for c in pod["containers"]}
+        if doc["kind"] == "RayJob":
+            images |= {c["image"] for c in doc["spec"]["submitterPodTemplate"]["spec"]["containers"]}
+    (image,) = images
+    assert image.endswith(f":{project['version']}-{flavour}"), image
+
+
+# ---- the files themselves ------------------------------------------------------------------------
+
+K8S_FILES = sorted((REPO / "k8s").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", K8S_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_file_starts_with_the_command_that_applies_it(path):
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    commands = re.findall(r"(?:kubectl apply -k|attune k8s render) ([\w./-]+)", "\n".join(header))
+    assert commands, f"{path}: the opening comment names no `kubectl apply -k` / `attune k8s render`"
+    for target in commands:
+        assert target in OVERLAYS or (REPO / target).is_dir(), f"{path}: no overlay {target}"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "k8s").rglob("kustomization.yaml")),
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_patches_are_json6902(path):
+    """Strategic-merge patches replace whole lists in custom resources (containers, volumes)."""
+    kustomization = yaml.safe_load(path.read_text())
+    for patch in kustomization.get("patches", []):
+        text = patch["patch"] if "patch" in patch else (path.parent / patch["path"]).read_text()
+        ops = yaml.safe_load(text)
+        assert isinstance(ops, list) and all("op" in op for op in ops), f"{path}: {patch}"
+
+
+def test_header_selectors_select_something(overlay):
+    name, docs = overlay
+    components = {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in docs}
+    assert components == {"model-store", "finetune", "tune", "llm"}
+    assert all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "attune" for d in docs)

@@ -1,0 +1,121 @@
+"""The Dockerfile installs what pyproject.toml pins, runs as the user the manifests expect, and
+carries no secrets.
+
+    pytest tests/test_k8s_image.py
+
+No container engine here, so the build itself is not run; these checks read the Dockerfile the
+way the builder would (instructions, continuation lines) and hold it to the project's files.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def instructions(path: Path = REPO / "Dockerfile") -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
+    out, pending = [], ""
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        pending += line.rstrip().removesuffix("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            word, _, rest = pending.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+            pending = ""
+    return out
+
+
+def of(name: str) -> list[str]:
+    return [args for word, args in instructions() if word == name]
+
+
+def pins() -> dict[str, str]:
+    """name -> version for every `name==version` in pyproject.toml, extras included."""
+    specs = PROJECT["dependencies"] + [s for extra in PROJECT["optional-dependencies"].values()
+                                       for s in extra]
+    return {re.split(r"[\[=]", s)[0].lower(): s.split("==")[1] for s in specs if "==" in s}
+
+
+@pytest.fixture(scope="module")
+def install_branches() -> dict[str, str]:
+    """The `case "$EXTRA"` branches of the install step: extra -> its shell commands."""
+    (run,) = [r for r in of("RUN") if '"$EXTRA"' in r]
+    return dict(re.findall(r"(\w+)\)\s*(.*?);;", run))
+
+
+def test_base_image_python_satisfies_requires_python():
+    (base,) = of("FROM")
+    major, minor = map(int, re.match(r"python:(\d+)\.(\d+)", base).groups())
+    low, high = re.match(r">=(\d+\.\d+),<(\d+\.\d+)", PROJECT["requires-python"]).groups()
+    assert tuple(map(int, low.split("."))) <= (major, minor) < tuple(map(int, high.split(".")))
+
+
+def test_installs_the_project_with_each_vllm_extra(install_branches):
+    extras = set(PROJECT["optional-dependencies"]) - {"dev"}
+    assert set(install_branches) - {"*"} == extras == {"cpu", "gpu"}
+    for extra in extras:
+        words = list(shlex.shlex(install_branches[extra], posix=True, punctuation_chars=True))
+        assert f".[{extra}]" in words, f"{extra}: does not install the project's [{extra}] extra"
+    (default,) = [a for a in of("ARG") if a.startswith("EXTRA=")]
+    assert default.split("=")[1] in extras
+
+
+def test_every_version_named_in_the_dockerfile_is_pyprojects_pin():
+    named = re.findall(r"\b([A-Za-z][\w.-]*)==([\w.+-]+)", "\n".join(of("RUN")))
+    assert named, "the Dockerfile pins nothing itself; then this test checks nothing"
+    for name, version in named:
+        assert pins().get(name.lower()) == version.split("+")[0], f"{name}=={version}"
+
+
+def test_removes_what_make_setup_removes(install_branches):
+    makefile = (REPO / "Makefile").read_text()
+    (make_removes,) = re.findall(r"pip uninstall -y -q ([\w ]+)", makefile)
+    (image_removes,) = re.findall(r"pip uninstall -y ([\w ]+)", install_branches["cpu"])
+    assert set(image_removes.split()) == set(make_removes.split())
+
+
+def test_copies_what_exists_and_what_jobs_read():
+    copied = set()
+    for args in of("COPY"):
+        *sources, _ = args.split()
+        for source in sources:
+            assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+            copied.add(source.rstrip("/"))
+    # the job entrypoints name recipes/ and tuning/; recipes read data/
+    assert {"pyproject.toml", "platform", "recipes", "tuning", "data", "deployments"} <= copied
+
+
+def test_workdir_is_the_jobs_working_dir():
+    (workdir,) = of("WORKDIR")
+    for path in (REPO / "k8s" / "base").glob("ray-job.*.yaml"):
+        runtime_env = yaml.safe_load(yaml.safe_load(path.read_text())["spec"]["runtimeEnvYAML"])
+        assert runtime_env["working_dir"] == workdir, path
+
+
+def test_runs_as_the_non_root_user_the_manifests_expect():
+    user = of("USER")[-1].split(":")[0]
+    assert user not in ("root", "0")
+    for path in (REPO / "k8s" / "base").glob("ray-*.yaml"):
+        for uid in re.findall(r"runAsUser: (\d+)", path.read_text()):
+            assert uid == user, f"{path}: runAsUser {uid}, the image runs as {user}"
+
+
+def test_no_secrets_in_the_image():
+    secretish = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL", re.I)
+    for word in ("ENV", "ARG"):
+        for args in of(word):
+            for name in re.findall(r"(?:^|\s)([A-Za-z_]\w*)=", args) or [args.split("=")[0]]:
+                assert not secretish.search(name), f"{word} {name}: secrets come from Kubernetes"
+    ignored = (REPO / ".dockerignore").read_text().split()
+    for pattern in (".git", ".venv", ".env", "**/*.env", "**/api-keys*", ".aws"):
+        assert pattern in ignored, f".dockerignore: add {pattern}"
