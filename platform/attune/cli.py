@@ -20,6 +20,7 @@ COMMANDS = {
     "build-tiny": "build_tiny",
     "answers": "answers",
     "k8s": "k8s",
+    "chat": "chat",
 }
 
 

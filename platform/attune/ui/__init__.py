@@ -1,0 +1,21 @@
+"""The Gradio chat over attune's OpenAI-compatible endpoint (or any compatible server).
+
+    attune chat --endpoint http://127.0.0.1:8000/v1      # the page alone
+    serve run attune.ui:build_app                         # the page as a Ray Serve application
+
+endpoint.py  client, model list, errors in words     chat.py     one streamed answer + its stats
+compare.py   two answers streaming side by side       page.py     the Gradio layout and events
+users.py     page login from env / file               serve.py    the Serve deployment
+"""
+
+from attune.ui.page import build_page, launch_page
+
+
+def build_app(args: dict | None = None):
+    """Serve builder (import_path attune.ui:build_app); Ray is imported only when serving."""
+    from attune.ui.serve import build_app as build
+
+    return build(args)
+
+
+__all__ = ["build_app", "build_page", "launch_page"]

@@ -1,0 +1,50 @@
+"""The OpenAI-compatible endpoint the page talks to: a client, its models, its errors in words.
+
+The page speaks only the OpenAI protocol, so it works against attune's Ray Serve endpoint, plain
+vLLM, or any compatible server. The API key is read here, on the server side, from ATTUNE_API_KEY;
+it never reaches the browser.
+"""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import openai
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"  # where `attune serve` listens
+API_KEY_ENV = "ATTUNE_API_KEY"
+
+
+def make_client(base_url: str, api_key: str | None = None) -> openai.OpenAI:
+    # No retries and a short connect timeout: a down endpoint must show up in the chat within
+    # seconds, not after the client's default backoff; long generations still get a minute.
+    return openai.OpenAI(base_url=base_url, api_key=api_key or os.environ.get(API_KEY_ENV) or "none",
+                         max_retries=0, timeout=httpx.Timeout(60.0, connect=5.0))
+
+
+def list_models(client: openai.OpenAI) -> list[str]:
+    """Model ids the endpoint serves right now, sorted; a promoted model shows up on the next call."""
+    return sorted(model.id for model in client.models.list())
+
+
+def describe_error(error: Exception, base_url: str) -> str:
+    """One friendly sentence for the chat instead of a traceback."""
+    if isinstance(error, openai.APITimeoutError):
+        return f"The endpoint at {base_url} did not answer in time. Try again in a moment."
+    if isinstance(error, openai.APIConnectionError):
+        return (f"Cannot reach the endpoint at {base_url}. Is it running? "
+                "The page keeps working: send again once it is back.")
+    if isinstance(error, openai.AuthenticationError):
+        return f"The endpoint refused the API key (set {API_KEY_ENV} where the page runs)."
+    if isinstance(error, openai.NotFoundError):
+        return f"The endpoint does not know this model any more: {_server_message(error)} Press ↻ to refresh the list."
+    if isinstance(error, openai.APIStatusError):
+        return f"The endpoint answered with an error ({error.status_code}): {_server_message(error)}"
+    return f"Something went wrong while talking to the endpoint: {error}"
+
+
+def _server_message(error: openai.APIStatusError) -> str:
+    body = error.body if isinstance(error.body, dict) else {}
+    message = body.get("message") or body.get("error", {}).get("message") if body else None
+    return str(message or error.message)

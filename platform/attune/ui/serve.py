@@ -1,0 +1,52 @@
+"""The chat page as a Ray Serve application, beside the endpoint in the same Serve instance.
+
+    serve run attune.ui:build_app endpoint=http://127.0.0.1:8000/v1 model=tiny-full
+
+A Serve config (or a RayService's serveConfigV2) lists it as a second application:
+
+    - name: chat
+      route_prefix: /chat
+      import_path: attune.ui:build_app
+      args: {endpoint: "http://127.0.0.1:8000/v1", model: tiny-full, compare_model: tiny-llama}
+
+The page calls the API through the Serve proxy like any client. Its key (ATTUNE_API_KEY) and page
+users (ATTUNE_CHAT_USERS / ATTUNE_CHAT_USERS_FILE) come from the replica's environment, e.g. a
+runtime_env `env_vars` entry or a Kubernetes secret, never from args that end up in logs.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from attune.ui.endpoint import DEFAULT_ENDPOINT
+
+
+class ChatAppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint: str = Field(DEFAULT_ENDPOINT, description="OpenAI-compatible base URL, ending in /v1.")
+    model: str | None = Field(None, description="Model selected when the page opens (if served).")
+    compare_model: str | None = Field(None, description="Second model selected for compare mode.")
+    title: str = Field("attune chat", description="Page title.")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})  # the page waits on the endpoint; no CPU of its own
+@serve.ingress()
+class ChatPage:
+    def __init__(self, **args):
+        self.args = ChatAppArgs(**args)
+
+    def __serve_build_asgi_app__(self):
+        # Built in the replica: a Gradio app holds threads and locks that do not pickle.
+        from fastapi import FastAPI
+
+        from attune.ui.page import build_page, mount_page
+
+        page = build_page(self.args.endpoint, model=self.args.model,
+                          compare_model=self.args.compare_model, title=self.args.title)
+        return mount_page(FastAPI(), page)
+
+
+def build_app(args: dict | None = None) -> serve.Application:
+    return ChatPage.bind(**ChatAppArgs(**(args or {})).model_dump())

@@ -1,0 +1,171 @@
+"""Unit tests of the chat function against a fake OpenAI-compatible endpoint (real openai client,
+real HTTP, canned streamed answers), plus the page's small helpers."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from attune.ui.chat import GenerationSettings, Stats, Turn, messages_for, stream_reply
+from attune.ui.compare import side_by_side
+from attune.ui.endpoint import list_models, make_client
+from attune.ui.users import UsersError, page_users
+
+
+class FakeEndpoint:
+    """Streams `pieces` as chat.completion.chunk events and records every request body."""
+
+    def __init__(self, pieces=("Twelve", " layers", "."), models=("base", "tuned"), usage=True,
+                 status=200):
+        self.pieces, self.models, self.usage, self.status = pieces, models, usage, status
+        self.requests: list[dict] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):  # /v1/models
+                self._json(200, {"object": "list", "data": [
+                    {"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in fake.models]})
+
+            def do_POST(self):  # /v1/chat/completions
+                fake.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                fake.auth = self.headers.get("Authorization")
+                if fake.status != 200:
+                    return self._json(fake.status, {"error": {"message": "model 'x' does not exist"}})
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                for piece in fake.pieces:
+                    self._event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+                self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                if fake.usage:
+                    self._event({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 7,
+                                                          "total_tokens": 12}})
+                self.wfile.write(b"data: [DONE]\n\n")
+
+            def _event(self, body):
+                body = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m", **body}
+                self.wfile.write(f"data: {json.dumps(body)}\n\n".encode())
+                self.wfile.flush()
+
+            def _json(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake():
+    endpoint = FakeEndpoint()
+    yield endpoint
+    endpoint.close()
+
+
+def test_messages_put_system_prompt_first_and_skip_failed_turns():
+    turns = [Turn("q1", "a1"), Turn("q2", error="endpoint down"), Turn("q3", "a3")]
+    messages = messages_for(turns, "q4", GenerationSettings(system_prompt="Be brief."))
+    assert messages == [{"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                        {"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"},
+                        {"role": "user", "content": "q4"}]
+    assert messages_for([], "hi", GenerationSettings(system_prompt="  "))[0]["role"] == "user"
+
+
+def test_stream_assembles_tokens_and_passes_parameters(fake, monkeypatch):
+    monkeypatch.setenv("ATTUNE_API_KEY", "server-side-key")
+    settings = GenerationSettings(system_prompt="sys", temperature=0.7, top_p=0.9, max_tokens=33,
+                                  stop=("\n\n", "END"))
+    messages = messages_for([Turn("q1", "a1")], "q2", settings)
+    replies = [(r.text, r.done) for r in stream_reply(make_client(fake.base_url), "tuned", messages, settings)]
+
+    assert [text for text, _ in replies] == ["Twelve", "Twelve layers", "Twelve layers.", "Twelve layers."]
+    assert replies[-1][1] and not any(done for _, done in replies[:-1])
+    sent = fake.requests[0]
+    assert sent["model"] == "tuned" and sent["messages"] == messages and sent["stream"] is True
+    assert (sent["temperature"], sent["top_p"], sent["max_tokens"], sent["stop"]) == (0.7, 0.9, 33, ["\n\n", "END"])
+    assert fake.auth == "Bearer server-side-key"
+
+
+def test_stats_use_the_servers_token_count_else_count_chunks(fake):
+    settings = GenerationSettings()
+    final = list(stream_reply(make_client(fake.base_url), "base", [{"role": "user", "content": "q"}], settings))[-1]
+    assert final.stats.tokens == 7 and final.stats.time_to_first_token_s > 0 and final.stats.tokens_per_s > 0
+    fake.usage = False
+    final = list(stream_reply(make_client(fake.base_url), "base", [{"role": "user", "content": "q"}], settings))[-1]
+    assert final.stats.tokens == 3
+    assert "tokens/s" in Stats(0.012, 3, 250.0).summary()
+
+
+def test_no_stop_list_is_sent_as_none(fake):
+    list(stream_reply(make_client(fake.base_url), "base", [{"role": "user", "content": "q"}], GenerationSettings()))
+    assert fake.requests[0].get("stop") is None
+
+
+def test_endpoint_down_becomes_a_sentence_not_an_exception():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    replies = list(stream_reply(make_client(f"http://127.0.0.1:{port}/v1"), "m",
+                                [{"role": "user", "content": "q"}], GenerationSettings()))
+    assert len(replies) == 1 and replies[0].done and replies[0].stats is None
+    assert "Cannot reach the endpoint" in replies[0].error and str(port) in replies[0].error
+
+
+def test_server_error_message_reaches_the_chat(fake):
+    fake.status = 404
+    reply = list(stream_reply(make_client(fake.base_url), "x", [{"role": "user", "content": "q"}],
+                              GenerationSettings()))[-1]
+    assert "does not exist" in reply.error
+
+
+def test_model_list_is_sorted_and_fresh(fake):
+    client = make_client(fake.base_url)
+    assert list_models(client) == ["base", "tuned"]
+    fake.models = ("tuned", "promoted", "base")
+    assert list_models(client) == ["base", "promoted", "tuned"]
+
+
+def test_side_by_side_yields_both_answers_until_both_end(fake):
+    client, settings = make_client(fake.base_url), GenerationSettings()
+    messages = [{"role": "user", "content": "q"}]
+    updates = list(side_by_side([stream_reply(client, "base", messages, settings),
+                                 stream_reply(client, "tuned", messages, settings)]))
+    assert [r.text for r in updates[-1]] == ["Twelve layers.", "Twelve layers."]
+    assert all(r.done for r in updates[-1]) and len(fake.requests) == 2
+    assert {req["model"] for req in fake.requests} == {"base", "tuned"}
+
+
+def test_page_users_from_env_and_file(tmp_path):
+    users_file = tmp_path / "users"
+    users_file.write_text("# who may chat\nalan:enigma\n\n")
+    environ = {"ATTUNE_CHAT_USERS": "ada:secret, grace:cobol", "ATTUNE_CHAT_USERS_FILE": str(users_file)}
+    assert page_users(environ) == [("ada", "secret"), ("grace", "cobol"), ("alan", "enigma")]
+    assert page_users({}) is None
+    with pytest.raises(UsersError) as error:
+        page_users({"ATTUNE_CHAT_USERS": "no-password-here"})
+    assert "no-password-here" not in str(error.value)
+
+
+def test_serve_builder_checks_its_args():
+    from attune.ui import build_app
+
+    assert build_app({"endpoint": "http://127.0.0.1:8000/v1", "model": "tiny-full"}) is not None
+    with pytest.raises(ValueError):
+        build_app({"endpoint": "http://x/v1", "modle": "typo"})

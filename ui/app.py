@@ -1,0 +1,20 @@
+"""The chat page's entry point: the same page as `attune chat`, for `python ui/app.py` / `gradio ui/app.py`.
+
+    .venv/bin/python ui/app.py                      # endpoint from ATTUNE_ENDPOINT, else :8000/v1
+    ATTUNE_ENDPOINT=http://127.0.0.1:8011/v1 ATTUNE_CHAT_MODEL=tiny-full .venv/bin/python ui/app.py
+
+The logic lives in attune.ui; this file only reads the environment.
+"""
+
+import os
+
+from attune.ui import build_page, launch_page
+from attune.ui.endpoint import DEFAULT_ENDPOINT
+
+demo = build_page(os.environ.get("ATTUNE_ENDPOINT", DEFAULT_ENDPOINT),
+                  model=os.environ.get("ATTUNE_CHAT_MODEL"),
+                  compare_model=os.environ.get("ATTUNE_CHAT_COMPARE_MODEL"))
+
+if __name__ == "__main__":
+    launch_page(demo, host=os.environ.get("ATTUNE_CHAT_HOST", "127.0.0.1"),
+                port=int(os.environ.get("ATTUNE_CHAT_PORT", "7860")))
