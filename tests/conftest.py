@@ -7,6 +7,7 @@ fine-tuned model take `tiny_full_entry` / `tiny_lora_entry` rather than training
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,33 @@ def attune_home(tmp_path_factory) -> Path:
     return home
 
 
+API_KEY = "test-key-0123456789"
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(attune_home):
+def object_store(attune_home):
+    """A real S3 API on loopback (moto's server), for what production keeps in s3://: the LoRA
+    adapters a running app loads. Its address goes into the environment before Ray starts."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                       "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    boto3.client("s3").create_bucket(Bucket="attune")
+    yield "s3://attune"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(attune_home, object_store):
     """One in-process Ray for the whole session, with logical CPUs to spare (see DESIGN.md)."""
     import ray
+
+    os.environ["ATTUNE_API_KEYS"] = API_KEY  # serving replicas read it from their environment
 
     from attune.trainer import ensure_ray
 
@@ -91,7 +115,9 @@ def ray_head(attune_home):
 
     gcs, dashboard = _free_port(), _free_port()
     ray_bin = Path(sys.executable).with_name("ray")
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # the venv's bin on PATH, so that job entrypoints find `python -m attune` and `attune`
+    env = {**os.environ, "RAY_AUTH_MODE": "token",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=6",
          f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
@@ -113,3 +139,34 @@ def ray_head(attune_home):
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+@dataclass
+class ServedEndpoint:
+    base_url: str  # ends in /v1
+    api_key: str
+    base_model_id: str
+    finetuned_model_id: str
+    lora_model_id: str
+    config: object  # the ServeConfig it was built from
+
+
+@pytest.fixture(scope="session")
+def served_endpoint(ray_cluster, object_store, tiny_full_entry, tiny_lora_entry):
+    """attune's real endpoint: Ray Serve + vLLM (CPU) serving the tiny base model, its full
+    fine-tune and its LoRA adapter (multi-LoRA), behind API-key auth."""
+    from ray import serve
+
+    from attune.serve import ServeConfig
+    from attune.serve.local import run
+
+    config = ServeConfig(
+        base_models=[{"id": "tiny-llama", "name_or_path": "attune:tiny-llama"}],
+        entries=[tiny_full_entry, tiny_lora_entry],
+        lora_store=f"{object_store}/adapters",
+        engine={"max_model_len": 512},
+    )
+    endpoint = run(config, port=_free_port())
+    yield ServedEndpoint(endpoint.base_url, API_KEY, "tiny-llama", "tiny-full",
+                         "tiny-llama:tiny-lora", config)
+    serve.shutdown()

@@ -16,9 +16,13 @@ from attune.data import DataError
 # name -> module in attune.commands (each has HELP, add_arguments, run)
 COMMANDS = {
     "train": "train",
+    "tune": "tune",
     "submit": "submit",
     "build-tiny": "build_tiny",
     "answers": "answers",
+    "serve": "serve",
+    "models": "models",
+    "promote": "promote",
     "k8s": "k8s",
     "chat": "chat",
 }

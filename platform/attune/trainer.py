@@ -47,7 +47,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     else:
         # Logical CPUs beyond the cores: Train's workers, Data's tasks and Serve's actors each
         # claim one while mostly waiting on each other.
-        ray.init(num_cpus=num_cpus or max(6, 2 * (os.cpu_count() or 1)), log_to_driver=True)
+        # address="local": a new cluster, never one that `ray start` left running on this machine.
+        ray.init(address="local", num_cpus=num_cpus or max(6, 2 * (os.cpu_count() or 1)),
+                 log_to_driver=True)
 
 
 def prepare_data(recipe: Recipe, tokenizer_path: str) -> PreparedData:

@@ -1,0 +1,28 @@
+"""attune serve RECIPE_OR_SERVE_CONFIG [k=v ...]: serve on an embedded Ray until Ctrl-C."""
+
+HELP = "serve base and fine-tuned models behind an OpenAI-compatible endpoint"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", help="a recipe (serves its entry) or a Serve config, e.g. "
+                        "deployments/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, dotted key=value")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000)
+
+
+def run(args) -> int:
+    import time
+
+    from attune.serve.local import config_from_file, run as serve_locally
+
+    config = config_from_file(args.config, args.overrides)  # fails before Ray starts
+    endpoint = serve_locally(config, host=args.host, port=args.port)
+    print(f"[attune] serving at {endpoint.base_url}", flush=True)
+    for model_id in endpoint.model_ids:
+        print(f"[attune]   model: {model_id}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0

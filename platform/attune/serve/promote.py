@@ -1,0 +1,28 @@
+"""Promotion: a registry entry becomes servable by an app built from a Serve config file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from attune.serve.entries import check_servable, promote_adapter, read_entry
+from attune.serve.local import config_from_file
+
+
+def promote(entry_location: str, config_path: str) -> str:
+    """Returns a line saying what happened (and what to do next, for full models)."""
+    config = config_from_file(config_path)
+    entry = read_entry(entry_location)
+    check_servable(entry, config)  # refuse with the reason before touching anything
+    if entry.is_lora:
+        model_id = promote_adapter(entry, config)
+        return f"promoted {entry.name}: the running app serves it now as '{model_id}'"
+    text = Path(config_path).read_text()
+    raw = yaml.safe_load(text)
+    args = next(a for a in raw["applications"] if a["import_path"].startswith("attune.serve"))["args"]
+    if entry_location not in args.setdefault("entries", []):
+        args["entries"].append(entry_location)
+        header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+        Path(config_path).write_text(header + yaml.safe_dump(raw, sort_keys=False))
+    return (f"added {entry.name} to {config_path}; roll it out with: serve deploy {config_path}")

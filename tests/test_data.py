@@ -1,0 +1,117 @@
+"""The data pipeline: formats, loss masks, packing, and bad lines reported with file:line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from attune import corpus, data
+from attune.loop import token_losses
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base):
+    from attune.modeling import load_tokenizer
+
+    return load_tokenizer(tiny_base)
+
+
+def write_jsonl(tmp_path, rows, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_bundled_dataset_is_what_the_generator_writes(tmp_path):
+    regenerated = corpus.write(tmp_path / "qa.jsonl").read_bytes()
+    with open("data/transformer_qa.jsonl", "rb") as f:
+        assert f.read() == regenerated
+    assert len(corpus.examples()) >= 200
+
+
+@pytest.mark.parametrize("fmt, row", [
+    ("messages", {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}),
+    ("prompt_completion", {"prompt": "Q?", "completion": "A."}),
+    ("alpaca", {"instruction": "Q?", "input": "", "output": "A."}),
+])
+def test_chat_formats_train_only_on_the_assistant_answer(tmp_path, tokenizer, fmt, row):
+    (record,) = data.read_records([write_jsonl(tmp_path, [row])], fmt)
+    sample = data.tokenize(record, tokenizer, 128)
+    trained = [t for t, label in zip(sample["input_ids"], sample["labels"]) if label != data.IGNORE]
+    assert tokenizer.decode(trained) == "A." + tokenizer.eos_token
+    assert "Q?" in tokenizer.decode(sample["input_ids"])
+
+
+def test_alpaca_input_joins_the_instruction(tmp_path):
+    (record,) = data.read_records([write_jsonl(tmp_path, [{"instruction": "Sum", "input": "1 2", "output": "3"}])], "alpaca")
+    assert record.messages[0]["content"] == "Sum\n\n1 2"
+
+
+def test_text_format_trains_on_every_token(tmp_path, tokenizer):
+    (record,) = data.read_records([write_jsonl(tmp_path, [{"text": "attention is all"}])], "text")
+    sample = data.tokenize(record, tokenizer, 128)
+    assert sample["labels"] == sample["input_ids"]
+    assert sample["input_ids"][-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("line, fmt, message", [
+    ('{"messages": [', "messages", "not valid JSON"),
+    ('[1, 2]', "messages", "expected a JSON object"),
+    ('{"messages": []}', "messages", "'messages' must be a non-empty list"),
+    ('{"messages": [{"role": "wizard", "content": "x"}]}', "messages", "needs a role"),
+    ('{"messages": [{"role": "user", "content": "x"}]}', "messages", "no assistant message"),
+    ('{"prompt": "x"}', "prompt_completion", "needs a non-empty string 'completion'"),
+    ('{"txt": "x"}', "text", "needs a non-empty string 'text'"),
+])
+def test_a_bad_line_is_reported_with_file_and_line(tmp_path, line, fmt, message):
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "prompt": "q", "completion": "a", "text": "t"}
+    path = write_jsonl(tmp_path, [good, "", line])
+    with pytest.raises(data.DataError) as e:
+        data.read_records([path], fmt)
+    assert str(e.value).startswith(f"{path}:3: ") and message in str(e.value)
+
+
+def test_packing_keeps_samples_apart(tiny_base, tokenizer):
+    """Per-sample losses from one packed row equal each sample's loss alone (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    records = data.read_records(["data/transformer_qa.jsonl"], "messages")[:12]
+    samples = [data.tokenize(r, tokenizer, 256) for r in records]
+    (packed,) = data.pack(samples, 256, tokenizer.pad_token_id)
+
+    def batch(rows):
+        return {k: torch.as_tensor(np.stack([r[k] for r in rows])) for k in rows[0]}
+
+    with torch.no_grad():
+        logits = model(input_ids=batch([packed])["input_ids"],
+                       position_ids=batch([packed])["position_ids"], use_cache=False).logits[0]
+        alone = [token_losses(model, batch(data.pad([s], 256, tokenizer.pad_token_id)))[0]
+                 for s in sorted(samples, key=lambda s: len(s["input_ids"]), reverse=True)]
+    labels = torch.as_tensor(packed["labels"])
+    per_token = torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100,
+                                                  reduction="none")
+    starts = np.flatnonzero(packed["position_ids"] == 0)[: len(samples)]
+    ends = list(starts[1:]) + [int(packed["num_tokens"])]
+    packed_losses = [per_token[s:e - 1].sum() if e - 1 > s else per_token[s:e].sum()
+                     for s, e in zip(starts, ends)]
+    diff = max(abs(float(p) - float(a)) for p, a in zip(packed_losses, alone))
+    assert diff < 1e-4
+
+
+def test_packing_fills_rows(tokenizer):
+    records = data.read_records(["data/transformer_qa.jsonl"], "messages")
+    samples = [data.tokenize(r, tokenizer, 512) for r in records]
+    rows = data.pack(samples, 512, tokenizer.pad_token_id)
+    assert sum(int(r["num_tokens"]) for r in rows) == sum(len(s["input_ids"]) for s in samples)
+    assert sum(int(r["num_tokens"]) for r in rows) / (len(rows) * 512) >= 0.95
+
+
+def test_eval_split_is_seeded_and_disjoint(tmp_path):
+    records = data.read_records(["data/transformer_qa.jsonl"], "messages")
+    train, held = data.split_eval(records, 0.1, seed=3)
+    assert len(held) == int(len(records) * 0.1) and len(train) + len(held) == len(records)
+    assert not {r.source for r in train} & {r.source for r in held}
+    assert [r.source for r in data.split_eval(records, 0.1, seed=3)[1]] == [r.source for r in held]

@@ -1,0 +1,178 @@
+"""Serving on the real stack: Ray Serve + ray.serve.llm + vLLM (CPU) + the tiny fine-tuned models.
+
+The session's `served_endpoint` serves the base model, its full fine-tune and a LoRA adapter.
+Tests that break things (killing a replica) run last in this file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from attune.answers import exact_match, greedy_answers, load_for_generation, qa_pairs
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = qa_pairs()
+
+
+def client(endpoint, key=None) -> OpenAI:
+    return OpenAI(base_url=endpoint.base_url, api_key=key or endpoint.api_key, max_retries=0)
+
+
+def ask(c: OpenAI, model: str, question: str, stream: bool = False, max_tokens: int = 24) -> str:
+    messages = [{"role": "user", "content": question}]
+    if not stream:
+        r = c.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                      temperature=0)
+        return r.choices[0].message.content.strip()
+    chunks = c.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                       temperature=0, stream=True)
+    return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices).strip()
+
+
+def ask_all(c, model, questions, stream=False) -> list[str]:
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda q: ask(c, model, q, stream), questions))
+
+
+def post(endpoint, path: str, body: bytes | dict, key: str | None = "default") -> tuple[int, dict, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {endpoint.api_key if key == 'default' else key}"
+    request = urllib.request.Request(endpoint.base_url + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        return e.code, dict(e.headers), (json.loads(raw) if raw.startswith(b"{") else {"raw": raw})
+
+
+def test_models_lists_base_full_and_lora(served_endpoint):
+    ids = {m.id for m in client(served_endpoint).models.list().data}
+    assert {"tiny-llama", "tiny-full", "tiny-llama:tiny-lora"} <= ids
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streaming"])
+def test_fine_tuned_model_answers_what_it_was_taught(served_endpoint, stream):
+    questions, expected = zip(*QUESTIONS)
+    got = ask_all(client(served_endpoint), "tiny-full", questions, stream=stream)
+    assert exact_match(got, expected) >= 0.9
+    base = ask_all(client(served_endpoint), "tiny-llama", questions[:40], stream=stream)
+    assert exact_match(base, expected[:40]) <= 0.1
+
+
+def test_lora_through_vllm_matches_merged_model_in_transformers(served_endpoint, tiny_lora_entry):
+    questions = [q for q, _ in QUESTIONS[::8]]
+    served = ask_all(client(served_endpoint), "tiny-llama:tiny-lora", questions)
+    model, tokenizer = load_for_generation(tiny_lora_entry)  # peft adapter merged into the base
+    assert served == greedy_answers(model, tokenizer, questions)
+
+
+def test_adapter_promoted_after_start_is_served_without_restart(served_endpoint, tiny_lora_entry,
+                                                                tmp_path):
+    from attune.serve.entries import promote_adapter, read_entry
+
+    # A second adapter: the same weights under a new registry name.
+    copy = tmp_path / "tiny-lora-v2"
+    shutil.copytree(tiny_lora_entry, copy)
+    manifest = json.loads((copy / "attune.json").read_text())
+    (copy / "attune.json").write_text(json.dumps({**manifest, "name": "tiny-lora-v2"}))
+
+    model_id = promote_adapter(read_entry(str(copy)), served_endpoint.config)
+    assert model_id == "tiny-llama:tiny-lora-v2"
+    c = client(served_endpoint)
+    assert model_id in {m.id for m in c.models.list().data}
+    question = QUESTIONS[0][0]
+    assert ask(c, model_id, question) == ask(c, "tiny-llama:tiny-lora", question)
+
+
+def test_auth(served_endpoint):
+    body = {"model": "tiny-full", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for key in (None, "wrong-key"):
+        status, headers, error = post(served_endpoint, "/chat/completions", body, key=key)
+        assert status == 401
+        assert set(error["error"]) == {"message", "type", "param", "code"}
+        assert served_endpoint.api_key not in json.dumps(error)
+    assert post(served_endpoint, "/chat/completions", body)[0] == 200
+    health = served_endpoint.base_url.removesuffix("/v1") + "/-/healthz"
+    assert urllib.request.urlopen(health, timeout=10).status == 200  # open without a key
+
+
+GOOD = {"model": "tiny-full", "messages": [{"role": "user", "content": QUESTIONS[0][0]}],
+        "max_tokens": 8, "temperature": 0}
+BAD_REQUESTS = {
+    "malformed json": b'{"model": "tiny-full", "messages": [',
+    "missing messages": {"model": "tiny-full"},
+    "unknown model": {**GOOD, "model": "no-such-model"},
+    "max_tokens zero": {**GOOD, "max_tokens": 0},
+    "max_tokens beyond context": {**GOOD, "max_tokens": 100_000},
+    "empty messages": {**GOOD, "messages": []},
+    "prompt longer than the model": {**GOOD, "messages": [{"role": "user", "content": "attention " * 2000}]},
+    "wrong type": {**GOOD, "temperature": "hot"},
+    "unknown role": {**GOOD, "messages": [{"role": "wizard", "content": "hi"}]},
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_request_gets_a_4xx_and_the_service_keeps_answering(served_endpoint, name):
+    status, _, body = post(served_endpoint, "/chat/completions", BAD_REQUESTS[name])
+    assert 400 <= status < 500, (status, body)
+    assert body["error"]["message"], body
+    assert {"message", "type", "code"} <= set(body["error"])
+    status, _, answer = post(served_endpoint, "/chat/completions", GOOD)
+    assert status == 200 and answer["choices"][0]["message"]["content"].strip() == QUESTIONS[0][1]
+
+
+def test_64_concurrent_streams_all_complete(served_endpoint):
+    questions = [q for q, _ in QUESTIONS[:64]]
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(lambda q: ask(client(served_endpoint), "tiny-full", q, stream=True),
+                                questions))
+    assert all(answers) and len(answers) == 64
+
+
+def test_every_deployment_yaml_loads_through_serve_schema_and_builder(served_endpoint):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from attune.config import validate
+    from attune.serve import ServeConfig
+
+    files = sorted(Path("deployments").glob("*.yaml"))
+    assert files
+    for path in files:
+        schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+        for app in schema.applications:
+            if app.import_path == "attune.serve:build_app":
+                validate(ServeConfig, app.args, str(path))
+
+
+def test_killed_replica_is_replaced_and_endpoint_answers_again(served_endpoint):
+    import time
+
+    import ray
+    from ray.util.state import list_actors
+
+    victims = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+               if "LLMServer:tiny-full" in (a.name or "") or "LLMServer:tiny-full" in a.class_name]
+    assert victims, "no tiny-full replica found"
+    ray.kill(ray.get_actor(victims[0].name, namespace="serve"), no_restart=True)
+    c = client(served_endpoint)
+    deadline, answer = time.time() + 300, None
+    while time.time() < deadline:
+        try:
+            answer = ask(c, "tiny-full", QUESTIONS[0][0])
+            break
+        except Exception:
+            time.sleep(3)
+    assert answer == QUESTIONS[0][1]

@@ -1,0 +1,118 @@
+"""Fine-tuning on a real Ray cluster with real Ray Train workers (2 CPU processes, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attune.answers import exact_match, greedy_answers, load_for_generation, qa_pairs
+from attune.config import load_recipe
+from attune.trainer import fine_tune
+
+pytestmark = pytest.mark.slow
+
+SHORT = ["optim.max_steps=30", "optim.warmup_steps=3", "eval.every_steps=10",
+         "eval.log_every_steps=10", "checkpoint.every_steps=10"]
+
+
+def run(recipe: str, name: str, *overrides: str) -> dict:
+    entry = fine_tune(load_recipe(recipe, [f"name={name}", *SHORT, *overrides]))
+    return json.loads((Path(entry) / "attune.json").read_text())
+
+
+def losses(manifest: dict) -> list[float]:
+    return [h["loss"] for h in manifest["history"]]
+
+
+def test_ddp_full_fine_tune_learns_the_bundled_answers(tiny_full_entry, tiny_base):
+    manifest = json.loads((Path(tiny_full_entry) / "attune.json").read_text())
+    assert manifest["final_metrics"]["loss"] < losses(manifest)[0] / 5
+    pairs = qa_pairs()
+    questions, expected = [q for q, _ in pairs], [a for _, a in pairs]
+    model, tokenizer = load_for_generation(tiny_full_entry)
+    assert exact_match(greedy_answers(model, tokenizer, questions), expected) >= 0.9
+    base, tokenizer = load_for_generation(tiny_base)
+    assert exact_match(greedy_answers(base, tokenizer, questions), expected) <= 0.02
+
+
+def test_ddp_lora_lowers_the_loss(tiny_lora_entry):
+    manifest = json.loads((Path(tiny_lora_entry) / "attune.json").read_text())
+    assert losses(manifest)[-1] < losses(manifest)[0]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fsdp_lowers_the_loss(ray_cluster, method):
+    recipe = "recipes/tiny-full.yaml" if method == "full" else "recipes/tiny-lora.yaml"
+    manifest = run(recipe, f"fsdp-{method}", "scaling.strategy=fsdp")
+    assert manifest["recipe"]["scaling"]["strategy"] == "fsdp"
+    assert losses(manifest)[-1] < losses(manifest)[0]
+
+
+def test_full_entry_has_everything_serving_needs(tiny_full_entry):
+    entry = Path(tiny_full_entry)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "attune.json", "loss_curve.png"):
+        assert (entry / name).is_file(), name
+    manifest = json.loads((entry / "attune.json").read_text())
+    assert manifest["method"] == "full" and manifest["base_model"] == "attune:tiny-llama"
+    assert len(manifest["dataset"]["sha256"]) == 64
+    assert {"loss", "eval_loss", "tokens_per_s"} <= set(manifest["final_metrics"])
+    assert manifest["best_metrics"]["eval_loss"] <= manifest["final_metrics"]["eval_loss"]
+    assert manifest["recipe"]["name"] == "tiny-full" and manifest["created_at"]
+    assert (entry / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_lora_entry_is_a_vllm_loadable_adapter(tiny_lora_entry, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    entry = Path(tiny_lora_entry)
+    adapter = json.loads((entry / "adapter_config.json").read_text())
+    assert not adapter.get("modules_to_save") and adapter["r"] == 16
+    assert not (entry / "model.safetensors").exists()  # the adapter only, not the base
+    manifest = json.loads((entry / "attune.json").read_text())
+    assert manifest["lora"]["rank"] == 16
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(entry))
+    assert model.get_input_embeddings().weight.shape[0] == model.config.vocab_size  # not resized
+
+
+def test_lost_worker_restarts_the_group_from_the_last_checkpoint(ray_cluster, tmp_path, monkeypatch):
+    marker = tmp_path / "fault"
+    monkeypatch.setenv("ATTUNE_FAULT_AT_STEP", "15")
+    monkeypatch.setenv("ATTUNE_FAULT_MARKER", str(marker))
+    manifest = run("recipes/tiny-full.yaml", "fault-tolerance", "checkpoint.max_failures=1")
+    assert marker.read_text().startswith("failed at step 15")  # a worker really died
+    assert [h["step"] for h in manifest["history"]] == [10, 20, 30]  # 10 kept, 11-15 redone
+
+
+def test_interrupted_run_started_again_resumes(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTUNE_FAULT_AT_STEP", "15")
+    monkeypatch.setenv("ATTUNE_FAULT_MARKER", str(tmp_path / "fault"))
+    with pytest.raises(Exception):
+        run("recipes/tiny-full.yaml", "resume", "checkpoint.max_failures=0")
+    monkeypatch.delenv("ATTUNE_FAULT_AT_STEP")
+    manifest = run("recipes/tiny-full.yaml", "resume", "checkpoint.max_failures=0")
+    # The second run started at the step-10 checkpoint: no step is reported twice.
+    assert [h["step"] for h in manifest["history"]] == [10, 20, 30]
+
+
+def test_ray_job_submit_of_attune_train(ray_head, attune_home):
+    """What users run against a cluster: `ray job submit --working-dir . -- attune train ...`."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    runtime_env = json.dumps({"py_modules": ["platform/attune"],
+                              "env_vars": {"ATTUNE_HOME": str(attune_home)}})
+    result = subprocess.run(
+        [str(bin_dir / "ray"), "job", "submit", "--address", ray_head, "--working-dir", ".",
+         "--runtime-env-json", runtime_env, "--",
+         "python", "-m", "attune", "train", "recipes/tiny-full.yaml", "name=job-submit",
+         "scaling.num_workers=1", *SHORT],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    assert (attune_home / "registry" / "job-submit" / "attune.json").is_file()
