@@ -43,6 +43,7 @@ class ModelConfig(_Strict):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel passed to transformers."
     )
+    compile: bool = Field(False, description="torch.compile the model before training (GPU).")
 
 
 class DataConfig(_Strict):

@@ -40,7 +40,7 @@ class Loop:
     # (metrics, checkpoint directory or None) -> None; every rank calls it at the same steps
     report: Callable[[dict, str | None], None] = lambda metrics, ckpt: None
     resume_from: str | None = None  # a checkpoint directory written by this loop
-    checkpoint_root: str = "/tmp/attune-checkpoints"
+    checkpoint_root: str | None = "/tmp/attune-checkpoints"  # None: no checkpoints (benchmarks)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
@@ -84,8 +84,11 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
     model = build_model(recipe, base_path, device, loop.resume_from)
     flops_per_token = _flops_per_token(model, recipe.data.max_seq_len)
     model = parallel.wrap(model, recipe.scaling.strategy, device)
+    if recipe.model.compile:
+        model = torch.compile(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay,
+                                  fused=device.type == "cuda")
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[o.schedule]
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=o.warmup_steps,
                               num_training_steps=max_steps)
@@ -144,7 +147,7 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
         if at_eval or at_checkpoint:
             history.append(metrics)
             checkpoint = (_save_checkpoint(model, optimizer, scheduler, step, history, loop)
-                          if at_checkpoint else None)
+                          if at_checkpoint and loop.checkpoint_root else None)
             loop.report(metrics, checkpoint)
     return metrics
 
@@ -168,8 +171,7 @@ def _save_checkpoint(model, optimizer, scheduler, step, history, loop: Loop) -> 
     if parallel.rank() != 0:
         return None
     path = Path(loop.checkpoint_root) / f"step-{step:07d}"
-    unwrapped = getattr(model, "module", model)
-    unwrapped.save_pretrained(path / MODEL_DIR, state_dict=weights)
+    parallel.unwrap(model).save_pretrained(path / MODEL_DIR, state_dict=weights)
     torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": step},
                path / STATE_FILE)
     (path / HISTORY_FILE).write_text(json.dumps(history))

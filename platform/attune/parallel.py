@@ -81,12 +81,19 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if is_distributed():
         state = get_model_state_dict(model, options=_FULL)
     else:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        state = {_strip(k): v.detach().cpu() for k, v in model.state_dict().items()}
     return {k: v for k, v in state.items() if k in trainable}
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under DDP's and torch.compile's wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
 def _strip(name: str) -> str:
-    return name.removeprefix("module.")
+    # DDP adds "module.", torch.compile "_orig_mod."; checkpoints use the model's own names
+    return name.replace("_orig_mod.", "").removeprefix("module.")
 
 
 def optimizer_state(model, optimizer) -> dict:
