@@ -62,6 +62,7 @@ def _llm_config(model_id: str, source: str, config: ServeConfig, lora: bool) -> 
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": source},
         engine_kwargs=engine_kwargs,
+        experimental_configs={"stream_batching_interval_ms": e.stream_batching_interval_ms},
         deployment_config={
             "autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                                    "target_ongoing_requests": a.target_ongoing_requests},

@@ -1,0 +1,142 @@
+"""Serving benchmark: attune's endpoint (Ray Serve + ray.serve.llm + vLLM) vs vLLM's own server.
+
+    .venv/bin/python bench/serve.py [--requests 200]
+
+Same machine, same run, same fine-tuned tiny model, same request mix: streaming chat requests
+with a fixed output of 64 tokens (ignore_eos) at concurrency 1, 8 and 32. Reports output
+tokens/s, TTFT and inter-token latency (p50/p99), and attune/vLLM ratios, in
+bench/results/serve.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+OUTPUT_TOKENS = 64
+CONCURRENCY = (1, 8, 32)
+KEY = "bench-key"
+
+
+async def one_request(client, model: str, question: str) -> dict:
+    start = time.perf_counter()
+    stamps = []
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], max_tokens=OUTPUT_TOKENS,
+        temperature=0, stream=True, extra_body={"ignore_eos": True, "min_tokens": OUTPUT_TOKENS})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            stamps.append(time.perf_counter())
+    return {"ttft": stamps[0] - start, "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+            "tokens": OUTPUT_TOKENS, "end": stamps[-1]}
+
+
+async def load(base_url: str, model: str, concurrency: int, requests: int, questions) -> dict:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key=KEY, max_retries=0)
+    await one_request(client, model, questions[0])  # warm-up
+    queue = list(range(requests))
+    results = []
+
+    async def worker():
+        while queue:
+            i = queue.pop()
+            results.append(await one_request(client, model, questions[i % len(questions)]))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    ttft = sorted(r["ttft"] * 1000 for r in results)
+    itl = sorted(x * 1000 for r in results for x in r["itl"])
+    return {"output_tokens_per_s": sum(r["tokens"] for r in results) / elapsed,
+            "ttft_ms_p50": statistics.median(ttft), "ttft_ms_p99": ttft[int(0.99 * (len(ttft) - 1))],
+            "itl_ms_p50": statistics.median(itl), "itl_ms_p99": itl[int(0.99 * (len(itl) - 1))]}
+
+
+def run_levels(base_url, model, requests, questions) -> dict:
+    return {str(c): asyncio.run(load(base_url, model, c, requests, questions)) for c in CONCURRENCY}
+
+
+def wait_for(url: str, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            request = urllib.request.Request(url, headers={"Authorization": f"Bearer {KEY}"})
+            urllib.request.urlopen(request, timeout=5)
+            return
+        except OSError:
+            time.sleep(2)
+    raise TimeoutError(url)
+
+
+def bench_vllm(entry: str, requests: int, questions) -> dict:
+    port = 8031
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", entry,
+         "--served-model-name", "tiny-full", "--port", str(port), "--max-model-len", "512",
+         "--api-key", KEY], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/v1/models")
+        return run_levels(f"http://127.0.0.1:{port}/v1", "tiny-full", requests, questions)
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def bench_attune(entry: str, requests: int, questions) -> dict:
+    from ray import serve
+
+    from attune.serve import ServeConfig
+    from attune.serve.local import run
+
+    config = ServeConfig(base_models=[{"id": "tiny-llama", "name_or_path": "attune:tiny-llama"}],
+                         entries=[entry], engine={"max_model_len": 512})
+    endpoint = run(config, port=8032)
+    try:
+        wait_for(f"{endpoint.base_url}/models")
+        return run_levels(endpoint.base_url, "tiny-full", requests, questions)
+    finally:
+        serve.shutdown()
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=200)
+    args = parser.parse_args()
+    os.environ.setdefault("ATTUNE_HOME", "/tmp/attune-bench")
+    os.environ["ATTUNE_API_KEYS"] = KEY
+
+    from attune.answers import qa_pairs
+    from attune.config import load_recipe
+    from attune.trainer import fine_tune
+
+    entry = fine_tune(load_recipe("recipes/tiny-full.yaml"))  # resumes if already trained
+    questions = [q for q, _ in qa_pairs()]
+    vllm = bench_vllm(entry, args.requests, questions)
+    attune = bench_attune(entry, args.requests, questions)
+    ratios = {c: {"throughput": attune[c]["output_tokens_per_s"] / vllm[c]["output_tokens_per_s"],
+                  "ttft_p50_delta_ms": attune[c]["ttft_ms_p50"] - vllm[c]["ttft_ms_p50"]}
+              for c in vllm}
+    result = {"requests_per_level": args.requests, "output_tokens": OUTPUT_TOKENS,
+              "vllm": vllm, "attune": attune, "attune_vs_vllm": ratios}
+    out = Path("bench/results/serve.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
