@@ -77,7 +77,7 @@ def generated_patch(root: Path, overlay: str) -> str:
 
 def sync(root: Path, overlay: str, check: bool = False) -> bool:
     """Bring the overlay's generated patch up to date; True when it was stale."""
-    path = root / "k8s" / "overlays" / overlay / GENERATED
+    path = _overlay_dir(root, overlay) / GENERATED
     text = generated_patch(root, overlay)
     stale = not path.exists() or path.read_text() != text
     if stale and check:
@@ -89,9 +89,7 @@ def sync(root: Path, overlay: str, check: bool = False) -> bool:
 
 def build(root: Path, overlay: str) -> str:
     """`kustomize build` of the overlay (with kubectl's built-in kustomize when that is all there is)."""
-    directory = root / "k8s" / "overlays" / overlay
-    if not directory.is_dir():
-        raise K8sError(f"{directory}: no such overlay (have {', '.join(overlays(root))})")
+    directory = _overlay_dir(root, overlay)
     if shutil.which("kustomize"):
         command = ["kustomize", "build", str(directory)]
     elif shutil.which("kubectl"):
@@ -108,6 +106,13 @@ def render(root: Path, overlay: str, check: bool = False) -> list[dict]:
     """The final manifests of an overlay, its serveConfigV2 regenerated first."""
     sync(root, overlay, check=check)
     return [doc for doc in yaml.safe_load_all(build(root, overlay)) if doc]
+
+
+def _overlay_dir(root: Path, overlay: str) -> Path:
+    directory = root / "k8s" / "overlays" / overlay
+    if not directory.is_dir():
+        raise K8sError(f"{directory}: no such overlay (have {', '.join(overlays(root))})")
+    return directory
 
 
 def _named(value: Any) -> bool:
