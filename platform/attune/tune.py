@@ -1,0 +1,209 @@
+"""Ray Tune over Ray Train: search a recipe's hyperparameters, write the best trial as an entry.
+
+    search, recipe_raw = load_search("tuning/tiny-full-asha.yaml")
+    outcome = run_search(search, recipe_raw)   # outcome.entry: the registry entry of the best trial
+
+Each trial is a Ray Train run of the recipe (attune.tune_trial); the scheduler sees eval loss
+at every eval step. The experiment lives in the recipe's output.runs under the search's name;
+running the same search again restores it (`Tuner.restore`): finished trials keep their
+results and only unfinished ones run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray import tune
+
+from attune.config import Recipe, RecipeError
+from attune.tune_config import SearchConfig
+from attune.tune_results import TrialRow, best_row, format_table, trial_rows, write_results
+
+# The trial actor only drives its Train run (whose workers reserve their own resources); Ray's
+# guide keeps Tune's default of one CPU for it, so the budget counts it too.
+TRIAL_DRIVER = {"CPU": 1}
+SEARCH_FILE = "attune_search.json"  # the search and recipe an experiment was started with
+
+
+@dataclass
+class SearchOutcome:
+    experiment_path: str
+    rows: list[TrialRow]
+    best: TrialRow | None
+    entry: str | None  # the registry entry of the best trial
+    interrupted: bool  # stopped before every trial ended; run the search again to resume
+    table: str = ""
+
+
+def run_search(search: SearchConfig, recipe_raw: dict, callbacks: list | None = None) -> SearchOutcome:
+    """Run (or resume) the experiment; `callbacks` are Ray Tune callbacks, kept on restore."""
+    from attune import modeling
+    from attune.trainer import _storage, ensure_ray, prepare_data
+
+    recipe = Recipe.model_validate(recipe_raw)
+    base_path = modeling.resolve(recipe.model.name_or_path)
+    ensure_ray()
+    concurrency = trial_slots(search, recipe)  # fails before any trial starts
+    storage = _storage(recipe.output.runs)
+    experiment_path = f"{storage.rstrip('/')}/{search.name}"
+    resuming = _can_resume(search, recipe_raw, experiment_path)
+    # One tokenized copy for every trial, unless the space changes the data itself.
+    prepared = None if any(k.startswith("data.") for k in search.space) else prepare_data(recipe, base_path)
+    trainable = _trainable(recipe_raw, base_path, prepared, f"{experiment_path}/train-runs")
+    if resuming:
+        print(f"[attune] resuming experiment {experiment_path}", flush=True)
+        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = _new_tuner(search, recipe, trainable, concurrency, storage, callbacks)
+        _write_text(f"{experiment_path}/{SEARCH_FILE}", _search_record(search, recipe_raw))
+    grid = tuner.fit()
+
+    max_steps = recipe.optim.max_steps  # load_search made sure it is set
+    rows = trial_rows(grid, search.metric, search.mode, max_steps)
+    if grid.num_terminated + grid.num_errors < len(grid):  # interrupted: resume by running again
+        return SearchOutcome(experiment_path, rows, None, None, interrupted=True)
+    best = best_row(rows, search.mode, max_steps)
+    if "://" not in experiment_path:
+        write_results(rows, grid, Path(experiment_path), search.metric)
+    entry = None
+    if best is not None:
+        result = next(r for r in grid if r.metrics.get("trial_id") == best.trial)
+        entry = _write_best(search, recipe_raw, best, result, base_path, prepared, storage, len(rows))
+    return SearchOutcome(experiment_path, rows, best, entry, interrupted=False,
+                         table=format_table(rows, search.metric, best))
+
+
+def _trainable(recipe_raw: dict, base_path: str, prepared, train_storage: str):
+    from attune.tune_trial import run_trial
+
+    return tune.with_resources(
+        tune.with_parameters(run_trial, recipe_raw=recipe_raw, base_path=base_path,
+                             prepared=prepared, train_storage=train_storage),
+        TRIAL_DRIVER)
+
+
+def _new_tuner(search: SearchConfig, recipe: Recipe, trainable, concurrency: int, storage: str,
+               callbacks: list | None):
+    return tune.Tuner(
+        trainable,
+        param_space={dim.key: dim.domain() for dim in search.dimensions()},
+        tune_config=tune.TuneConfig(
+            metric=search.metric, mode=search.mode, num_samples=search.num_samples,
+            scheduler=_scheduler(search, recipe), search_alg=_searcher(search, concurrency),
+            time_budget_s=search.budget.time_limit_s),
+        run_config=tune.RunConfig(name=search.name, storage_path=storage, callbacks=callbacks,
+                                  verbose=1))
+
+
+def trial_slots(search: SearchConfig, recipe: Recipe) -> int:
+    """Trials the cluster can run at once given the recipe's scaling, checked against the budget."""
+    import ray
+
+    sc = recipe.scaling
+    need = {"CPU": TRIAL_DRIVER["CPU"] + sc.num_workers * sc.cpus_per_worker,
+            "GPU": sc.num_workers * sc.gpus_per_worker}
+    have = ray.cluster_resources()
+    fits = min(int(have.get(res, 0) // amount) for res, amount in need.items() if amount > 0)
+    if fits == 0:
+        short = next(r for r, a in need.items() if a > 0 and have.get(r, 0) < a)
+        raise RecipeError(f"budget: one trial needs {need[short]:g} {short} (scaling.num_workers="
+                          f"{sc.num_workers}) but the cluster has {have.get(short, 0):g}")
+    wanted = search.budget.max_concurrent_trials
+    if wanted is not None and wanted > fits:
+        raise RecipeError(f"budget.max_concurrent_trials: {wanted} trials at once do not fit; "
+                          f"each needs {_show(need)} and the cluster has {_show(have)}, enough "
+                          f"for {fits}")
+    return min(wanted or fits, search.num_trials())
+
+
+def _search_record(search: SearchConfig, recipe_raw: dict) -> str:
+    return json.dumps({"search": search.model_dump(mode="json"), "recipe": recipe_raw}, indent=2,
+                      sort_keys=True)
+
+
+def _can_resume(search: SearchConfig, recipe_raw: dict, experiment_path: str) -> bool:
+    """Whether the experiment exists; restoring runs the stored search, so it must be this one."""
+    import pyarrow.fs as pafs
+
+    if not tune.Tuner.can_restore(experiment_path):
+        return False
+    fs, path = pafs.FileSystem.from_uri(experiment_path)
+    try:
+        with fs.open_input_stream(f"{path}/{SEARCH_FILE}") as f:
+            stored = f.read().decode()
+    except FileNotFoundError:
+        stored = None
+    if stored != _search_record(search, recipe_raw):
+        raise RecipeError(f"name: an experiment named {search.name!r} with a different search or "
+                          f"recipe exists at {experiment_path}; give this search another name "
+                          "(name=...) or remove that directory")
+    return True
+
+
+def _write_text(location: str, text: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def _show(resources: dict) -> str:
+    return ", ".join(f"{resources.get(r, 0):g} {r}" for r in ("CPU", "GPU"))
+
+
+def _scheduler(search: SearchConfig, recipe: Recipe):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    s, max_steps = search.scheduler, recipe.optim.max_steps
+    grace = min(s.grace_period or 2 * recipe.eval.every_steps, max_steps)
+    if s.type == "asha":
+        # time_attr "step": rungs are training steps, the same for every trial.
+        return ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=grace,
+                             reduction_factor=s.reduction_factor)
+    if s.type == "median":
+        return MedianStoppingRule(time_attr="step", grace_period=grace,
+                                  min_samples_required=s.min_samples_required)
+    return FIFOScheduler()
+
+
+def _searcher(search: SearchConfig, concurrency: int):
+    """The searcher, limited to `concurrency` trials in flight (so no Train run waits for workers)."""
+    if search.searcher.type == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=search.seed), max_concurrent=concurrency)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=search.seed, max_concurrent=concurrency)
+
+
+def _write_best(search, recipe_raw, best: TrialRow, result, base_path, prepared, storage: str,
+                num_trials: int) -> str:
+    """The best trial's final checkpoint as a registry entry named after the search."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    from attune.trainer import prepare_data, write_result
+    from attune.tune_config import trial_recipe
+
+    recipe = trial_recipe(recipe_raw, best.params, name=search.name)
+    recipe.output.name = search.name  # never overwrite the recipe's own entry
+    if prepared is None:
+        prepared = prepare_data(recipe, base_path)
+    # Train reports checkpoint paths inside its storage's filesystem (no scheme for s3:// etc.).
+    filesystem = pafs.FileSystem.from_uri(storage)[0] if "://" in storage else None
+    checkpoint = ray.train.Checkpoint(best.checkpoint, filesystem=filesystem)
+    extra = {"tune": {"best": True, "experiment": search.name,
+                      "experiment_path": f"{storage.rstrip('/')}/{search.name}",
+                      "trial": best.trial, "params": best.params, "metric": search.metric,
+                      "mode": search.mode, "value": best.final, "trials": num_trials,
+                      "search": search.model_dump(mode="json")}}
+    return write_result(recipe, dataclasses.replace(result, checkpoint=checkpoint), base_path,
+                        prepared, extra=extra)

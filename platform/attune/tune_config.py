@@ -1,0 +1,147 @@
+"""The search config: one YAML file in tuning/ that names a recipe and the space to search.
+
+    search, recipe_raw = load_search("tuning/tiny-full-asha.yaml", ["num_samples=4"])
+
+Overrides on the command line go to the search when their first key is a search key
+(`num_samples=4`, `scheduler.type=median`) and to the recipe otherwise (`optim.max_steps=60`).
+Everything the search can get wrong without a cluster fails here, naming the key: unknown keys,
+search paths that are not recipe keys, empty or invalid ranges, metrics the trainer never reports.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from attune.config import Recipe, RecipeError, _Strict, apply_override, load_recipe, validate
+from attune.tune_space import Dimension, check_dimension, parse_dimension
+
+# What attune.loop.train_loop reports at every eval step (mfu only on known GPUs).
+REPORTED_METRICS = ("eval_loss", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+
+
+class SchedulerConfig(_Strict):
+    type: Literal["asha", "median", "fifo"] = Field(
+        "asha", description="ASHA stops trials that fall behind at rungs; 'median' stops a trial "
+        "whose best is worse than the median of the others at the same step; 'fifo' runs every "
+        "trial to the end (plain random or Optuna search).")
+    grace_period: int | None = Field(
+        None, ge=1, description="Steps every trial runs before it may be stopped; default: two "
+        "eval intervals of the recipe.")
+    reduction_factor: float = Field(3, gt=1, description="ASHA: keep the top 1/factor at each rung.")
+    min_samples_required: int = Field(3, ge=1, description="Median: trials that must have reached a "
+                                      "step before the median there is trusted.")
+
+
+class SearcherConfig(_Strict):
+    type: Literal["random", "optuna"] = Field(
+        "random", description="'random' samples the space independently; 'optuna' uses Optuna's "
+        "TPE through Ray Tune's OptunaSearch.")
+
+
+class BudgetConfig(_Strict):
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="Trials running at once; default: as many as the cluster's CPUs "
+        "and GPUs hold given the recipe's scaling. Asking for more than that is an error.")
+    time_limit_s: float | None = Field(
+        None, gt=0, description="Wall-clock limit for the whole experiment; running trials are "
+        "stopped when it passes.")
+
+
+class SearchConfig(_Strict):
+    name: str = Field(description="Experiment name: the Tune run's directory under the recipe's "
+                      "output.runs and the registry entry of the best trial.",
+                      pattern=r"^[A-Za-z0-9._-]+$")
+    recipe: str = Field(description="The recipe YAML every trial trains (path relative to the "
+                        "working directory).")
+    overrides: list[str] = Field(default_factory=list, description="Recipe overrides (key=value) "
+                                 "applied to every trial, e.g. shorter runs than the recipe's own.")
+    space: dict[str, str] = Field(description="Recipe key (dotted) -> range, e.g. "
+                                  "'optim.lr: loguniform(1e-5, 1e-2)'.", min_length=1)
+    metric: str = Field("eval_loss", description=f"Reported metric to optimise, one of "
+                        f"{', '.join(REPORTED_METRICS)}.")
+    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
+    num_samples: int = Field(8, ge=1, description="Trials to run (each grid([...]) dimension "
+                             "multiplies them by its number of values).")
+    seed: int | None = Field(None, description="Seed for sampling the space (None: random).")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig,
+                                       description="Early stopping of weak trials.")
+    searcher: SearcherConfig = Field(default_factory=SearcherConfig,
+                                     description="How the next trial's values are chosen.")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Concurrency and time.")
+
+    @model_validator(mode="after")
+    def _check_metric(self) -> "SearchConfig":
+        if self.metric not in REPORTED_METRICS:
+            raise ValueError(f"metric: the trainer does not report {self.metric!r}; it reports "
+                             f"{', '.join(REPORTED_METRICS)}")
+        return self
+
+    def dimensions(self) -> list[Dimension]:
+        return [parse_dimension(key, text) for key, text in self.space.items()]
+
+    def num_trials(self) -> int:
+        """num_samples, times every value of each grid([...]) dimension."""
+        return self.num_samples * math.prod(len(d.args[0]) for d in self.dimensions() if d.kind == "grid")
+
+
+def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SearchConfig, dict]:
+    """Read and check a search config; returns it with the recipe's raw mapping (overrides applied)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such search config") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a search config is a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        if item.partition("=")[0].split(".")[0] in SearchConfig.model_fields:
+            apply_override(raw, item, SearchConfig)
+        else:
+            raw.setdefault("overrides", []).append(item)
+    search = validate(SearchConfig, raw, source=str(path))
+    recipe = load_recipe(search.recipe, search.overrides)  # validates the trials' common recipe
+    recipe_raw = recipe.model_dump(mode="json")
+    for dim in search.dimensions():
+        check_dimension(dim, recipe_raw)
+    check_reports(search, recipe)
+    return search, recipe_raw
+
+
+def check_reports(search: SearchConfig, recipe: Recipe) -> None:
+    """Every report the loop sends must carry the metric, or Tune rejects the trial mid-run."""
+    if search.metric == "mfu" and recipe.scaling.gpus_per_worker == 0:
+        raise RecipeError("metric: mfu is only reported on GPUs (scaling.gpus_per_worker is 0)")
+    evals, checkpoints = recipe.eval.every_steps, recipe.checkpoint.every_steps
+    if search.metric == "eval_loss" and checkpoints % evals:
+        raise RecipeError(f"metric: eval_loss is missing from the reports at checkpoint steps: "
+                          f"checkpoint.every_steps ({checkpoints}) must be a multiple of "
+                          f"eval.every_steps ({evals})")
+    if search.metric == "grad_norm" and recipe.optim.max_grad_norm is None:
+        raise RecipeError("metric: grad_norm is only reported when optim.max_grad_norm is set")
+    if recipe.optim.max_steps is None:
+        raise RecipeError("optim.max_steps: a search compares trials by step; set a step count "
+                          "instead of optim.epochs")
+    timing = [key for key in search.space
+              if key.startswith(("eval.", "checkpoint.", "optim.max_steps", "optim.epochs"))]
+    if timing:
+        raise RecipeError(f"space.{timing[0]}: decides when trials report, which the scheduler "
+                          "compares across trials; fix it with overrides instead")
+
+
+def trial_recipe(recipe_raw: dict, params: dict, name: str) -> Recipe:
+    """The recipe of one trial: the common recipe with the trial's sampled values."""
+    from attune.tune_space import set_path
+
+    raw = copy.deepcopy(recipe_raw)
+    for key, value in params.items():
+        set_path(raw, key, value)
+    raw["name"] = name
+    return validate(Recipe, raw, source=f"trial {name}")
