@@ -111,22 +111,30 @@ def ray_head(attune_home):
     import subprocess
     import sys
     import time
+    import urllib.error
     import urllib.request
 
     gcs, dashboard = _free_port(), _free_port()
+    # Every port of its own: the session's in-process Ray already holds the default agent ports.
+    ports = [f"--{flag}={_free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     ray_bin = Path(sys.executable).with_name("ray")
     # the venv's bin on PATH, so that job entrypoints find `python -m attune` and `attune`
     env = {**os.environ, "RAY_AUTH_MODE": "token",
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=6",
-         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+         *ports],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120
     while True:
         try:
             urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # 401 under token auth: it is up
             break
         except OSError:
             if time.time() > deadline or proc.poll() is not None:

@@ -101,12 +101,14 @@ def test_packing_keeps_samples_apart(tiny_base, tokenizer):
     assert diff < 1e-4
 
 
-def test_packing_fills_rows(tokenizer):
+@pytest.mark.parametrize("seq", [256, 512, 1024])
+def test_packing_uses_the_fewest_rows_and_drops_nothing(tokenizer, seq):
     records = data.read_records(["data/transformer_qa.jsonl"], "messages")
-    samples = [data.tokenize(r, tokenizer, 512) for r in records]
-    rows = data.pack(samples, 512, tokenizer.pad_token_id)
-    assert sum(int(r["num_tokens"]) for r in rows) == sum(len(s["input_ids"]) for s in samples)
-    assert sum(int(r["num_tokens"]) for r in rows) / (len(rows) * 512) >= 0.95
+    samples = [data.tokenize(r, tokenizer, seq) for r in records]
+    rows = data.pack(samples, seq, tokenizer.pad_token_id)
+    total = sum(len(s["input_ids"]) for s in samples)
+    assert sum(int(r["num_tokens"]) for r in rows) == total
+    assert len(rows) <= -(-total // seq) + 1  # at most one row above the ceil(total / seq) bound
 
 
 def test_eval_split_is_seeded_and_disjoint(tmp_path):

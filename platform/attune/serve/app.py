@@ -18,6 +18,7 @@ from attune.config import validate
 from attune.serve.auth import ApiKeyMiddleware
 from attune.serve.config import BaseModelSpec, ServeConfig
 from attune.serve.entries import check_servable, promote_adapter, read_entry
+from attune.serve.server import LLMServer
 
 
 def build_app(args: dict) -> Application:
@@ -100,7 +101,8 @@ def openai_app(configs: list[LLMConfig], config: ServeConfig) -> Application:
     if config.accelerator == "cpu":
         options.setdefault("ray_actor_options", {})["num_cpus"] = 0  # it mostly waits on engines
     return serve.deployment(ingress, **options).bind(
-        llm_deployments={c.model_id: build_llm_deployment(c) for c in configs},
+        llm_deployments={c.model_id: build_llm_deployment(c, deployment_cls=LLMServer)
+                         for c in configs},
         model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
         lora_paths={c.model_id: c.lora_config.dynamic_lora_loading_path
                     for c in configs if c.lora_config is not None},
