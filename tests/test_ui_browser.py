@@ -1,0 +1,271 @@
+"""The chat page in a real headless Chromium against attune's real endpoint (Ray Serve + vLLM CPU
+serving the tiny base model and its fine-tune).
+
+    .venv/bin/pytest tests/test_ui_browser.py
+
+Each test leaves a screenshot of its final page in tests/artifacts/ (the compare-mode one is also
+the README's docs/chat-compare.png).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import threading
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+QUESTION, TAUGHT_ANSWER = "How many layers does BERT-base have?", "12."
+STATS = re.compile(r"first token \d+ ms · \d+ tokens/s · \d+ tokens")
+PORTS = range(8012, 8020)  # this machine's share of ports for the chat tests
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _free_port() -> int:
+    for port in PORTS:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return port
+    raise RuntimeError(f"no free port in {PORTS}")
+
+
+@pytest.fixture(scope="module")
+def chat_endpoint(served_endpoint):
+    """attune's real endpoint (Ray Serve + vLLM CPU): the tiny base model and its fine-tune."""
+    return served_endpoint
+
+
+class Relay:
+    """A TCP relay in front of the endpoint: stop() makes the endpoint unreachable exactly as a
+    stopped server is (connection refused), start() brings it back on the same address. The shared
+    endpoint cannot be stopped, and restarting vLLM costs most of a minute here."""
+
+    def __init__(self, target_port: int):
+        self.target_port, self.port = target_port, _free_port()
+        self.listener, self.connections = None, []
+
+    def start(self):
+        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=True)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def stop(self):
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone would not
+        self.listener.close()
+        for conn in self.connections:
+            conn.close()
+        self.connections.clear()
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.connections += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def _launch(endpoint_url: str, endpoint: Endpoint):
+    from attune.ui import build_page, launch_page
+
+    page = build_page(endpoint_url, model=endpoint.finetuned_model_id,
+                      compare_model=endpoint.base_model_id, api_key=endpoint.api_key)
+    return page, launch_page(page, port=_free_port(), block=False)
+
+
+@pytest.fixture(scope="module")
+def page_url(chat_endpoint):
+    page, url = _launch(chat_endpoint.base_url, chat_endpoint)
+    yield url
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+                                              args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def tab(browser, request, artifacts):
+    """A fresh browser tab; its final page is saved as tests/artifacts/ui-<test>.png."""
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    tab = context.new_page()
+    tab.set_default_timeout(30_000)
+    yield tab
+    tab.screenshot(path=str(artifacts / f"ui-{request.node.name}.png"))
+    assert "Traceback" not in tab.content()  # whatever happened, no Python traceback on the page
+    context.close()
+
+
+def open_chat(tab, url: str, model: str):
+    from playwright.sync_api import expect
+
+    tab.goto(url)
+    expect(tab.locator("#model-a input")).to_have_value(model)  # the model list has arrived
+
+
+def ask(tab, question: str):
+    tab.fill("#message textarea", question)
+    tab.click("#send")
+
+
+def last_answer(tab, panel: str = "#chat-a"):
+    return tab.locator(f"{panel} [data-testid='bot']").last
+
+
+def pick_model(tab, picker: str, model: str):
+    tab.click(f"{picker} input")
+    tab.get_by_role("option", name=model, exact=True).click()
+
+
+def test_answer_streams_in_with_the_taught_answer_and_stats(tab, page_url, chat_endpoint):
+    from playwright.sync_api import expect
+
+    open_chat(tab, page_url, chat_endpoint.finetuned_model_id)
+    # Record every text the answer bubble shows, to see it grow rather than appear whole.
+    tab.evaluate("""() => { window.seen = [];
+        new MutationObserver(() => { const bots = document.querySelectorAll("#chat-a [data-testid='bot']");
+            if (bots.length) window.seen.push(bots[bots.length - 1].innerText); })
+        .observe(document.querySelector('#chat-a'), {subtree: true, childList: true, characterData: true}); }""")
+    ask(tab, QUESTION)
+    answer = last_answer(tab)
+    expect(answer).to_contain_text(STATS)
+    assert answer.inner_text().startswith(TAUGHT_ANSWER)
+    seen = tab.evaluate("window.seen")
+    assert len(set(seen)) >= 2 and not STATS.search(seen[0])  # shown before the stream ended
+    assert tab.locator("#chat-a [data-testid='user']").last.inner_text() == QUESTION
+    # The key stays on the server: nothing the browser received contains it.
+    assert chat_endpoint.api_key not in tab.content()
+    config = urllib.request.urlopen(page_url.rstrip("/") + "/config").read().decode()
+    assert chat_endpoint.api_key not in config
+
+
+def test_switch_models_then_retry_and_clear(tab, page_url, chat_endpoint):
+    from playwright.sync_api import expect
+
+    open_chat(tab, page_url, chat_endpoint.finetuned_model_id)
+    pick_model(tab, "#model-a", chat_endpoint.base_model_id)
+    expect(tab.locator("#chat-a")).to_contain_text(chat_endpoint.base_model_id)  # the panel's label
+    ask(tab, QUESTION)
+    expect(last_answer(tab)).to_contain_text(STATS)
+
+    pick_model(tab, "#model-a", chat_endpoint.finetuned_model_id)
+    tab.click("#retry")  # the same question again, now to the fine-tune, in place of the old answer
+    expect(last_answer(tab)).to_contain_text(TAUGHT_ANSWER)
+    expect(last_answer(tab)).to_contain_text(STATS)
+    expect(tab.locator("#chat-a [data-testid='bot']")).to_have_count(1)
+
+    tab.click("#clear")
+    expect(tab.locator("#chat-a [data-testid='bot']")).to_have_count(0)
+
+
+def test_compare_mode_streams_two_answers_side_by_side(tab, page_url, chat_endpoint, artifacts):
+    from playwright.sync_api import expect
+
+    open_chat(tab, page_url, chat_endpoint.finetuned_model_id)
+    tab.locator("#compare input").check()
+    expect(tab.locator("#chat-b")).to_be_visible()
+    expect(tab.locator("#model-b input")).to_have_value(chat_endpoint.base_model_id)
+    ask(tab, QUESTION)
+    for panel in ("#chat-a", "#chat-b"):
+        expect(last_answer(tab, panel)).to_contain_text(STATS)
+    expect(last_answer(tab, "#chat-a")).to_contain_text(TAUGHT_ANSWER)
+    ask(tab, "What is the hidden size of BERT-base?")  # a second turn: both histories carry on
+    for panel in ("#chat-a", "#chat-b"):
+        expect(tab.locator(f"{panel} [data-testid='bot']")).to_have_count(2)
+        expect(last_answer(tab, panel)).to_contain_text(STATS)
+    tab.screenshot(path=str(artifacts / "chat-compare.png"))
+
+
+def test_endpoint_down_shows_an_error_and_the_page_recovers(tab, chat_endpoint, artifacts):
+    from playwright.sync_api import expect
+
+    relay = Relay(int(chat_endpoint.base_url.rsplit(":", 1)[1].split("/")[0]))
+    relay.start()
+    page, url = _launch(f"http://127.0.0.1:{relay.port}/v1", chat_endpoint)
+    try:
+        open_chat(tab, url, chat_endpoint.finetuned_model_id)
+        relay.stop()
+        ask(tab, QUESTION)
+        expect(last_answer(tab)).to_contain_text("Cannot reach the endpoint")
+        tab.click("#refresh-models")
+        expect(tab.locator("#endpoint-status")).to_contain_text("Cannot reach the endpoint")
+        expect(tab.locator("#model-a input")).to_have_value(chat_endpoint.finetuned_model_id)  # kept
+        tab.screenshot(path=str(artifacts / "ui-endpoint-down.png"))
+
+        relay.start()
+        tab.click("#retry")
+        expect(last_answer(tab)).to_contain_text(TAUGHT_ANSWER)
+        expect(tab.locator("#chat-a [data-testid='bot']")).to_have_count(1)
+        tab.click("#refresh-models")
+        expect(tab.locator("#endpoint-status")).to_contain_text(re.compile(r"\d+ models at"))
+    finally:
+        page.close()
+        relay.stop()
+
+
+def test_page_login(tab, chat_endpoint, monkeypatch):
+    from playwright.sync_api import expect
+
+    monkeypatch.setenv("ATTUNE_CHAT_USERS", "ada:lovelace")
+    page, url = _launch(chat_endpoint.base_url, chat_endpoint)
+    try:
+        tab.goto(url)
+        for password in ("wrong", "lovelace"):
+            tab.fill("input[type=text]", "ada")
+            tab.fill("input[type=password]", password)
+            tab.get_by_role("button", name="Login").click()
+            if password == "wrong":
+                expect(tab.get_by_text("Incorrect Credentials")).to_be_visible()
+        expect(tab.locator("#model-a input")).to_have_value(chat_endpoint.finetuned_model_id)
+    finally:
+        page.close()
+
+
+def test_page_as_a_serve_application_beside_the_endpoint(tab, chat_endpoint):
+    """One Serve instance, two applications: the API on /v1, the page on /chat."""
+    from playwright.sync_api import expect
+    from ray import serve
+
+    from attune.ui.serve import ChatPage
+
+    # In a Serve config the key would come from the application's runtime_env (or a k8s secret).
+    page_app = ChatPage.options(ray_actor_options={
+        "num_cpus": 0, "runtime_env": {"env_vars": {"ATTUNE_API_KEY": chat_endpoint.api_key}}}
+    ).bind(endpoint=chat_endpoint.base_url, model=chat_endpoint.finetuned_model_id)
+    serve.run(page_app, name="chat", route_prefix="/chat")
+    try:
+        open_chat(tab, chat_endpoint.base_url.removesuffix("/v1") + "/chat/", chat_endpoint.finetuned_model_id)
+        ask(tab, QUESTION)
+        expect(last_answer(tab)).to_contain_text(STATS)
+        assert last_answer(tab).inner_text().startswith(TAUGHT_ANSWER)
+    finally:
+        serve.delete("chat")
