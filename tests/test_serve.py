@@ -114,6 +114,7 @@ BAD_REQUESTS = {
     "malformed json": b'{"model": "tiny-full", "messages": [',
     "missing messages": {"model": "tiny-full"},
     "unknown model": {**GOOD, "model": "no-such-model"},
+    "unknown adapter": {**GOOD, "model": "tiny-llama:no-such-adapter"},
     "max_tokens zero": {**GOOD, "max_tokens": 0},
     "max_tokens beyond context": {**GOOD, "max_tokens": 100_000},
     "empty messages": {**GOOD, "messages": []},
@@ -157,16 +158,40 @@ def test_every_deployment_yaml_loads_through_serve_schema_and_builder(served_end
                 validate(ServeConfig, app.args, str(path))
 
 
+def test_overload_beyond_the_queue_is_refused_not_queued(served_endpoint):
+    """A second app with room for 1 request and 1 waiting: a burst of 12 gets 503s, at once."""
+    from ray import serve
+
+    from attune.serve import ServeConfig, build_app
+
+    tight = ServeConfig(base_models=[{"id": "tiny-llama", "name_or_path": "attune:tiny-llama"}],
+                        engine={"max_model_len": 512}, max_ongoing_requests=1, max_queued_requests=1)
+    serve.run(build_app(tight), name="tight", route_prefix="/tight")
+    try:
+        base = served_endpoint.base_url.replace("/v1", "/tight/v1")
+        endpoint = type(served_endpoint)(base, served_endpoint.api_key, "", "", "", None)
+        burst = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
+                 "max_tokens": 64, "ignore_eos": True}
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda _: post(endpoint, "/chat/completions", burst), range(12)))
+        statuses = sorted(status for status, _, _ in results)
+        assert statuses.count(200) >= 1 and set(statuses) <= {200, 429, 503}, statuses
+        refused = [(h, b) for s, h, b in results if s in (429, 503)]
+        assert refused, statuses
+        assert all({k.lower() for k in h} >= {"retry-after"} for h, _ in refused)
+    finally:
+        serve.delete("tight")
+
+
 def test_killed_replica_is_replaced_and_endpoint_answers_again(served_endpoint):
     import time
 
     import ray
-    from ray.util.state import list_actors
 
-    victims = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-               if "LLMServer:tiny-full" in (a.name or "") or "LLMServer:tiny-full" in a.class_name]
+    victims = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["namespace"] == "serve" and "LLMServer:tiny-full" in a["name"]]
     assert victims, "no tiny-full replica found"
-    ray.kill(ray.get_actor(victims[0].name, namespace="serve"), no_restart=True)
+    ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)
     c = client(served_endpoint)
     deadline, answer = time.time() + 300, None
     while time.time() < deadline:

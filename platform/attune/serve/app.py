@@ -17,6 +17,7 @@ from attune import modeling
 from attune.config import validate
 from attune.serve.auth import ApiKeyMiddleware
 from attune.serve.config import BaseModelSpec, ServeConfig
+from attune.serve.ingress import Ingress, RetryAfterMiddleware, add_openai_error_handler
 from attune.serve.entries import check_servable, promote_adapter, read_entry
 from attune.serve.server import LLMServer
 
@@ -79,25 +80,27 @@ def _store_for(config: ServeConfig, base: BaseModelSpec) -> str:
 
 
 def openai_app(configs: list[LLMConfig], config: ServeConfig) -> Application:
-    """`ray.serve.llm.build_openai_app`, with API-key middleware on the ingress's FastAPI app.
+    """`ray.serve.llm.build_openai_app`, with API-key middleware and OpenAI-shaped errors on the
+    ingress's FastAPI app and attune's stricter ingress class.
 
     Ray's builder creates its FastAPI app internally; these lines are its own steps with the
     app handed in, so the middleware wraps every route (Ray 2.60's internals, pinned).
     """
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-    from ray.llm._internal.serve.core.ingress.ingress import (
-        OpenAiIngress,
-        init,
-        make_fastapi_ingress,
-    )
+    from ray.llm._internal.serve.core.ingress.ingress import init, make_fastapi_ingress
 
     app = init()
     app.add_middleware(ApiKeyMiddleware, env_var=config.api_keys_env,
                        key_file=config.api_keys_file, required=config.auth == "api_key")
-    ingress = make_fastapi_ingress(OpenAiIngress, app=app)
-    options = OpenAiIngress.get_deployment_options(configs)
-    options["max_ongoing_requests"] = config.max_ongoing_requests * max(len(configs), 1)
-    options["max_queued_requests"] = config.max_queued_requests
+    app.add_middleware(RetryAfterMiddleware)
+    add_openai_error_handler(app)
+    ingress = make_fastapi_ingress(Ingress, app=app)
+    options = Ingress.get_deployment_options(configs)
+    # The ingress admits what the models can hold, so overload is refused by the model's own
+    # queue, with an OpenAI-shaped 503 that passes through the middleware above.
+    capacity = (config.max_ongoing_requests + config.max_queued_requests) * max(len(configs), 1)
+    options["max_ongoing_requests"] = capacity
+    options["max_queued_requests"] = capacity
     if config.accelerator == "cpu":
         options.setdefault("ray_actor_options", {})["num_cpus"] = 0  # it mostly waits on engines
     return serve.deployment(ingress, **options).bind(

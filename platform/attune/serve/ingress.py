@@ -1,0 +1,59 @@
+"""Ray's OpenAI ingress, strict about what it accepts.
+
+Two gaps closed on top of `OpenAiIngress`: a chat message with a role no chat template knows
+("wizard") is refused with a 400 instead of being rendered into the prompt, and errors Ray raises
+as plain HTTP exceptions (an unknown model) come back in OpenAI's error shape, not FastAPI's
+`{"detail": ...}`.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray.llm._internal.serve.core.configs.openai_api_models import (
+    ChatCompletionRequest,
+    OpenAIHTTPException,
+)
+from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
+from starlette.exceptions import HTTPException
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+class Ingress(OpenAiIngress):
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        for i, message in enumerate(body.messages):
+            role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+            if role not in ROLES:
+                raise OpenAIHTTPException(
+                    status_code=400, type="invalid_request_error",
+                    message=f"messages[{i}].role: {role!r} is not one of {sorted(ROLES)}")
+        return await super().chat(body, request)
+
+
+def add_openai_error_handler(app: FastAPI) -> None:
+    @app.exception_handler(HTTPException)
+    async def openai_shaped(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        body = {"error": {"message": str(exc.detail), "type": kind, "param": None,
+                          "code": exc.status_code}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+class RetryAfterMiddleware:
+    """Overload answers (429, 503: a replica's queue is full) tell the client when to retry."""
+
+    def __init__(self, app, seconds: int = 1):
+        self.app, self.value = app, str(seconds).encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_retry_after(message):
+            if message["type"] == "http.response.start" and message["status"] in (429, 503):
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"retry-after"]
+                message = {**message, "headers": [*headers, (b"retry-after", self.value)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_retry_after)
