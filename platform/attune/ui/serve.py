@@ -16,6 +16,8 @@ runtime_env `env_vars` entry or a Kubernetes secret, never from args that end up
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -29,6 +31,8 @@ class ChatAppArgs(BaseModel):
     model: str | None = Field(None, description="Model selected when the page opens (if served).")
     compare_model: str | None = Field(None, description="Second model selected for compare mode.")
     title: str = Field("attune chat", description="Page title.")
+    api_key_file: str | None = Field(None, description="File holding the endpoint's key (a "
+                                     "mounted Secret); else ATTUNE_API_KEY from the environment.")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})  # the page waits on the endpoint; no CPU of its own
@@ -43,7 +47,10 @@ class ChatPage:
 
         from attune.ui.page import build_page, mount_page
 
-        page = build_page(self.args.endpoint, model=self.args.model,
+        key_file = self.args.api_key_file
+        api_key = (Path(key_file).read_text().split()[0]
+                   if key_file and Path(key_file).is_file() else None)
+        page = build_page(self.args.endpoint, model=self.args.model, api_key=api_key,
                           compare_model=self.args.compare_model, title=self.args.title)
         return mount_page(FastAPI(), page)
 
