@@ -96,11 +96,12 @@ def openai_app(configs: list[LLMConfig], config: ServeConfig) -> Application:
     add_openai_error_handler(app)
     ingress = make_fastapi_ingress(Ingress, app=app)
     options = Ingress.get_deployment_options(configs)
-    # The ingress admits what the models can hold, so overload is refused by the model's own
-    # queue, with an OpenAI-shaped 503 that passes through the middleware above.
+    # The ingress (a thin async router) admits several times what the models hold, so overload
+    # is refused by a model's own queue: an OpenAI-shaped 503 that passes the middleware above
+    # and gets Retry-After. Only a far larger burst meets the proxy's bare 503.
     capacity = (config.max_ongoing_requests + config.max_queued_requests) * max(len(configs), 1)
-    options["max_ongoing_requests"] = capacity
-    options["max_queued_requests"] = capacity
+    options["max_ongoing_requests"] = 4 * capacity
+    options["max_queued_requests"] = 4 * capacity
     if config.accelerator == "cpu":
         options.setdefault("ray_actor_options", {})["num_cpus"] = 0  # it mostly waits on engines
     return serve.deployment(ingress, **options).bind(
