@@ -171,18 +171,24 @@ class Recipe(_Strict):
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe YAML, apply dotted `key=value` overrides, and validate it."""
+    raw = read_mapping(path, "recipe")
+    for item in overrides:
+        apply_override(raw, item, Recipe)
+    return validate(Recipe, raw, source=str(path))
+
+
+def read_mapping(path: str | Path, what: str) -> dict:
+    """A YAML file's top-level mapping; a missing file, bad YAML or a non-mapping is a RecipeError."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file") from None
+        raise RecipeError(f"{path}: no such {what} file") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
-    for item in overrides:
-        apply_override(raw, item, Recipe)
-    return validate(Recipe, raw, source=str(path))
+        raise RecipeError(f"{path}: a {what} is a mapping of keys, got {type(raw).__name__}")
+    return raw
 
 
 def apply_override(raw: dict, item: str, schema: type[BaseModel]) -> None:

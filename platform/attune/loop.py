@@ -138,7 +138,6 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
             metrics["tokens_per_s"] = tokens_total / elapsed
             if peak:
                 metrics["mfu"] = metrics["tokens_per_s"] / parallel.world_size() * flops_per_token / peak
-            window_tokens, window_start = 0.0, time.perf_counter()
         if at_eval and loop.eval_batches is not None:
             metrics["eval_loss"] = evaluate(model, loop.eval_batches(), device)
         if "tokens_per_s" in metrics:
@@ -149,6 +148,8 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
             checkpoint = (_save_checkpoint(model, optimizer, scheduler, step, history, loop)
                           if at_checkpoint and loop.checkpoint_root else None)
             loop.report(metrics, checkpoint)
+        if "tokens_per_s" in metrics:  # the next window times training steps only, not eval or saving
+            window_tokens, window_start = 0.0, time.perf_counter()
     return metrics
 
 
