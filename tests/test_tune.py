@@ -19,8 +19,9 @@ from attune.tune_config import load_search
 REPO = Path(__file__).resolve().parents[1]
 SEARCH = REPO / "tuning" / "tiny-full-asha.yaml"
 # Short 1-worker trials with a report every 5 steps: ASHA rungs at steps 5 and 15 of 30.
+# The time limit turns a stuck experiment into a failure instead of a hang.
 SHORT = ["optim.max_steps=30", "eval.every_steps=5", "checkpoint.every_steps=30",
-         "optim.warmup_steps=0", "scheduler.grace_period=5"]
+         "optim.warmup_steps=0", "scheduler.grace_period=5", "budget.time_limit_s=900"]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "tuning").glob("*.yaml")), ids=lambda p: p.name)

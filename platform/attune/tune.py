@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,11 +61,15 @@ def run_search(search: SearchConfig, recipe_raw: dict, callbacks: list | None = 
     else:
         tuner = _new_tuner(search, recipe, trainable, concurrency, storage, callbacks)
         _write_text(f"{experiment_path}/{SEARCH_FILE}", _search_record(search, recipe_raw))
-    grid = tuner.fit()
+    before, started = _placement_groups(), time.monotonic()
+    try:
+        grid = tuner.fit()
+    finally:
+        _release_leaked_placement_groups(before)
 
     max_steps = recipe.optim.max_steps  # load_search made sure it is set
     rows = trial_rows(grid, search.metric, search.mode, max_steps)
-    if grid.num_terminated + grid.num_errors < len(grid):  # interrupted: resume by running again
+    if _interrupted(grid, search, time.monotonic() - started):  # resume by running it again
         return SearchOutcome(experiment_path, rows, None, None, interrupted=True)
     best = best_row(rows, search.mode, max_steps)
     if "://" not in experiment_path:
@@ -75,6 +80,15 @@ def run_search(search: SearchConfig, recipe_raw: dict, callbacks: list | None = 
         entry = _write_best(search, recipe_raw, best, result, base_path, prepared, storage, len(rows))
     return SearchOutcome(experiment_path, rows, best, entry, interrupted=False,
                          table=format_table(rows, search.metric, best))
+
+
+def _interrupted(grid, search: SearchConfig, elapsed_s: float) -> bool:
+    """Trials still open, or never created (the searcher makes them as slots free up)."""
+    limit = search.budget.time_limit_s
+    if limit is not None and elapsed_s >= limit:
+        return False  # the time limit ended it: that is the experiment's end, not an interruption
+    ended = grid.num_terminated + grid.num_errors
+    return ended < len(grid) or len(grid) < search.num_trials()
 
 
 def _trainable(recipe_raw: dict, base_path: str, prepared, train_storage: str):
@@ -118,6 +132,31 @@ def trial_slots(search: SearchConfig, recipe: Recipe) -> int:
                           f"each needs {_show(need)} and the cluster has {_show(have)}, enough "
                           f"for {fits}")
     return min(wanted or fits, search.num_trials())
+
+
+def _placement_groups() -> set[str]:
+    from ray.util import placement_group_table
+
+    return set(placement_group_table())
+
+
+def _release_leaked_placement_groups(before: set[str]) -> None:
+    """Remove the workers' placement groups of Train runs whose trial was stopped.
+
+    A stopped trial takes its Train controller down with it; Ray Train's PlacementGroupCleaner
+    then removes the workers' group, but it finds the cluster through the State API's address
+    lookup, which fails where several Ray clusters share a machine, so the group (and its CPUs)
+    stays reserved. Once the experiment is over no group it made is in use; only groups of this
+    job (the job id ends a group's id) are touched.
+    """
+    import ray
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    job = ray.get_runtime_context().get_job_id()
+    for pg_id, info in placement_group_table().items():
+        if pg_id not in before and pg_id.endswith(job) and info["state"] == "CREATED":
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
 
 
 def _search_record(search: SearchConfig, recipe_raw: dict) -> str:
