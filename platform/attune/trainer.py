@@ -87,6 +87,7 @@ def _train_worker(config: dict) -> None:
     """Runs in every Ray Train worker."""
     from attune.loop import Loop, train_loop
 
+    os.environ.update(config.get("env", {}))
     recipe = Recipe.model_validate(config["recipe"])
     micro = recipe.optim.micro_batch_size
     train_shard = ray.train.get_dataset_shard("train")
@@ -124,7 +125,9 @@ def make_trainer(recipe: Recipe, base_path: str, prepared: PreparedData, *,
     return TorchTrainer(
         _train_worker,
         train_loop_config={"recipe": recipe.model_dump(), "base_path": base_path,
-                           "steps_per_epoch": steps_per_epoch(recipe, prepared.rows)},
+                           "steps_per_epoch": steps_per_epoch(recipe, prepared.rows),
+                           # fault injection (attune.loop) reaches workers of a running cluster
+                           "env": {k: v for k, v in os.environ.items() if k.startswith("ATTUNE_FAULT_")}},
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.gpus_per_worker > 0,
                                      resources_per_worker=_resources(recipe)),
         run_config=RunConfig(
