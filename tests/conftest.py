@@ -55,7 +55,9 @@ def ray_cluster(attune_home, object_store):
 
     from attune.trainer import ensure_ray
 
-    ensure_ray(num_cpus=8)
+    # Logical CPUs are accounting, not cores: Serve replicas, Train workers and Tune trials all
+    # hold some while mostly waiting, and one session runs them side by side.
+    ensure_ray(num_cpus=16)
     yield ray
     ray.shutdown()
 

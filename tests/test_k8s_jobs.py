@@ -29,7 +29,7 @@ def cpu_jobs() -> dict[str, dict]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == "RayJob"}
 
 
-def run_job(address: str, entrypoint: str, store: Path, timeout_s: float = 300) -> str:
+def run_job(address: str, entrypoint: str, store: Path, timeout_s: float = 900) -> str:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     env = runtime_env()
