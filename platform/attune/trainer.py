@@ -102,11 +102,19 @@ def _train_worker(config: dict) -> None:
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted by Ray by now
 
-    loop = Loop(
+    cache: list[dict] = []
+
+    def train_batches(epoch: int):
+        if cache:  # a small shard, kept from its first pass: reshuffled in memory
+            return data.batches(cache, micro, seed=recipe.optim.seed + epoch)
         # [1] each worker reads its own shard of the packed rows, reshuffled every epoch
-        train_batches=lambda epoch: train_shard.iter_torch_batches(
-            batch_size=micro, local_shuffle_buffer_size=4 * micro,
-            local_shuffle_seed=recipe.optim.seed + epoch),
+        batches = train_shard.iter_batches(batch_size=micro, batch_format="numpy",
+                                           local_shuffle_buffer_size=4 * micro,
+                                           local_shuffle_seed=recipe.optim.seed + epoch)
+        return _keeping(batches, cache if config["cache_shard"] else None)
+
+    loop = Loop(
+        train_batches=train_batches,
         # every worker evaluates the same rows, so FSDP's collectives stay in step
         eval_batches=lambda: eval_shard.iter_torch_batches(batch_size=micro),
         steps_per_epoch=config["steps_per_epoch"],
@@ -118,6 +126,16 @@ def _train_worker(config: dict) -> None:
     train_loop(recipe, config["base_path"], loop)
 
 
+def _keeping(batches, cache: list | None):
+    """Yield torch batches; with a cache, also keep their rows (an epoch of a small shard)."""
+    import torch
+
+    for batch in batches:
+        if cache is not None:
+            cache += [{k: v[i] for k, v in batch.items()} for i in range(len(batch["input_ids"]))]
+        yield {k: torch.as_tensor(v) for k, v in batch.items()}
+
+
 def make_trainer(recipe: Recipe, base_path: str, prepared: PreparedData, *,
                  storage_path: str | None = None, callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer for a recipe (Tune builds one per trial with its own callbacks)."""
@@ -126,6 +144,10 @@ def make_trainer(recipe: Recipe, base_path: str, prepared: PreparedData, *,
         _train_worker,
         train_loop_config={"recipe": recipe.model_dump(), "base_path": base_path,
                            "steps_per_epoch": steps_per_epoch(recipe, prepared.rows),
+                           # Datasets this small are read once, then reshuffled in memory: on a
+                           # tiny dataset every few steps is an epoch, and each one costs Ray Data
+                           # a round of split coordination.
+                           "cache_shard": _shard_bytes(recipe, prepared.rows) < SHARD_CACHE_BYTES,
                            # fault injection (attune.loop) reaches workers of a running cluster
                            "env": {k: v for k, v in os.environ.items() if k.startswith("ATTUNE_FAULT_")}},
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.gpus_per_worker > 0,
@@ -162,6 +184,13 @@ def write_result(recipe: Recipe, result, base_path: str, prepared: PreparedData,
         return registry.write_entry(recipe, Path(checkpoint_dir), base_path,
                                     data_hash=prepared.files_hash, data_stats=prepared.stats,
                                     extra=extra)
+
+
+SHARD_CACHE_BYTES = 256 * 2**20
+
+
+def _shard_bytes(recipe: Recipe, rows: int) -> int:
+    return rows // recipe.scaling.num_workers * recipe.data.max_seq_len * 3 * 8  # 3 int64 columns
 
 
 def _resources(recipe: Recipe) -> dict:
