@@ -35,7 +35,11 @@ def run_job(address: str, entrypoint: str, store: Path, timeout_s: float = 900) 
     env = runtime_env()
     env["env_vars"].update(ATTUNE_STORE=str(store),
                            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    client = JobSubmissionClient(address)
+    # The head's token, sent explicitly: this process may have read RAY_AUTH_MODE before the
+    # head existed (importing Ray's Serve schema does), and Ray caches that.
+    token_path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    client = JobSubmissionClient(address, headers={
+        "Authorization": f"Bearer {token_path.read_text().strip()}"})
     deadline = time.time() + timeout_s
     while True:  # a head that just started may not have its job agent yet (KubeRay waits too)
         try:
