@@ -59,8 +59,15 @@ def test_cpu_rayservice_serve_config_deploys_and_answers(ray_head, tiny_full_ent
     serve_bin = Path(sys.executable).with_name("serve")
     deployed = subprocess.run([str(serve_bin), "deploy", "--address", ray_head, str(path)],
                               env=env, capture_output=True, text=True, timeout=300)
-    assert deployed.returncode == 0, deployed.stderr[-2000:]
+    try:
+        assert deployed.returncode == 0, deployed.stderr[-2000:]
+        _assert_answers(port)
+    finally:  # the head is shared with the RayJob tests: give its CPUs back
+        subprocess.run([str(serve_bin), "shutdown", "--address", ray_head, "-y"], env=env,
+                       capture_output=True, timeout=300)
 
+
+def _assert_answers(port: int) -> None:
     question, answer = qa_pairs()[0]
     body = json.dumps({"model": "tiny-full", "temperature": 0, "max_tokens": 16,
                        "messages": [{"role": "user", "content": question}]}).encode()
