@@ -15,10 +15,17 @@ import math
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, model_validator
 
-from attune.config import Recipe, RecipeError, _Strict, apply_override, load_recipe, validate
+from attune.config import (
+    Recipe,
+    RecipeError,
+    _Strict,
+    apply_override,
+    load_recipe,
+    read_mapping,
+    validate,
+)
 from attune.tune_space import Dimension, check_dimension, parse_dimension
 
 # What attune.loop.train_loop reports at every eval step (mfu only on known GPUs).
@@ -93,14 +100,7 @@ class SearchConfig(_Strict):
 def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SearchConfig, dict]:
     """Read and check a search config; returns it with the recipe's raw mapping (overrides applied)."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such search config") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a search config is a mapping of keys, got {type(raw).__name__}")
+    raw = read_mapping(path, "search config")
     for item in overrides:
         if item.partition("=")[0].split(".")[0] in SearchConfig.model_fields:
             apply_override(raw, item, SearchConfig)
