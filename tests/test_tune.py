@@ -50,12 +50,17 @@ def test_bad_search_fails_naming_the_problem(overrides, message):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides, message", [
-    (["scaling.num_workers=9"], "one trial needs 10 CPU (scaling.num_workers=9) but the cluster has 8"),
-    (["budget.max_concurrent_trials=5"], "5 trials at once do not fit"),
-])
-def test_budget_the_cluster_cannot_meet_fails_before_any_trial(ray_cluster, overrides, message):
+@pytest.mark.parametrize("case", ["one trial too big", "too many trials at once"])
+def test_budget_the_cluster_cannot_meet_fails_before_any_trial(ray_cluster, case):
     from attune.tune import run_search
+
+    cpus = int(ray_cluster.cluster_resources()["CPU"])
+    if case == "one trial too big":
+        overrides = [f"scaling.num_workers={cpus + 1}"]
+        message = f"one trial needs {cpus + 2} CPU (scaling.num_workers={cpus + 1}) but the cluster has {cpus}"
+    else:  # each trial holds 2 CPUs: Tune's driver and one Train worker
+        overrides = [f"budget.max_concurrent_trials={cpus // 2 + 1}"]
+        message = f"{cpus // 2 + 1} trials at once do not fit"
 
     search, recipe_raw = load_search(SEARCH, ["name=too-big", *overrides])
     with pytest.raises(RecipeError) as e:
