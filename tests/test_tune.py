@@ -42,6 +42,11 @@ def test_every_search_config_loads_and_validates_against_its_recipe(path):
     (['space={"optim.lr": "between(1, 2)"}'], "unknown range 'between'"),
     (["metric=accuracy"], "the trainer does not report 'accuracy'"),
     (["eval.every_steps=7"], "checkpoint.every_steps (60) must be a multiple of eval.every_steps (7)"),
+    (["scheduler.type=pbt", 'space={"optim.micro_batch_size": "choice([1, 2])"}'],
+     "space.optim.micro_batch_size: PBT changes values in the middle of a trial"),
+    (["scheduler.type=pbt", "searcher.type=optuna"], "'optuna' cannot be combined with it"),
+    (["scheduler.type=pbt", "scheduler.perturbation_interval=60"],
+     "60 steps leaves no room for a perturbation in a run of optim.max_steps=60"),
 ])
 def test_bad_search_fails_naming_the_problem(overrides, message):
     with pytest.raises(RecipeError) as e:
@@ -110,6 +115,29 @@ def test_a_bad_learning_rate_is_stopped_early_and_never_best(asha_search):
     bad = next(r for r in asha_search.rows if r.params["optim.lr"] == 1e-6)
     assert bad.stopped_early
     assert asha_search.best.trial != bad.trial
+
+
+@pytest.mark.slow
+def test_pbt_has_a_weak_trial_continue_from_the_strong_trials_checkpoint(ray_cluster, tiny_base):
+    """Two trials, lr 1e-6 (learns nothing) and 3e-3; at step 15 the weak one takes the strong
+    one's checkpoint, so its loss drops to where the strong trial was, which 1e-6 cannot do."""
+    from attune.tune import run_search
+
+    search, recipe_raw = load_search(SEARCH, [
+        "name=test-pbt", "num_samples=1", *SHORT, "checkpoint.every_steps=15",
+        "scheduler.type=pbt", "scheduler.perturbation_interval=15", "scheduler.synch=true",
+        "scheduler.quantile_fraction=0.5", 'space={"optim.lr": "grid([1e-6, 3e-3])"}'])
+    outcome = run_search(search, recipe_raw)
+
+    assert len(outcome.rows) == 2 and not any(r.error for r in outcome.rows)
+    assert all(r.steps == 30 and not r.stopped_early for r in outcome.rows)
+    frames = tune.ExperimentAnalysis(outcome.experiment_path).trial_dataframes.values()
+    curves = {f["trial_id"].iloc[-1]: f.set_index("step")["eval_loss"] for f in frames}
+    weak = next(t for t, c in curves.items() if c[15] == max(c[15] for c in curves.values()))
+    strong = next(t for t in curves if t != weak)
+    assert curves[weak][15] - curves[strong][15] > 0.5  # 1e-6 had learned nothing by step 15
+    assert curves[weak][30] <= curves[strong][15] + 0.05  # then it went on from the strong one's
+    assert read_manifest(outcome.entry)["tune"]["trial"] == outcome.best.trial
 
 
 class InterruptAfterFirstTrial(tune.Callback):

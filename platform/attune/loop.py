@@ -40,6 +40,7 @@ class Loop:
     # (metrics, checkpoint directory or None) -> None; every rank calls it at the same steps
     report: Callable[[dict, str | None], None] = lambda metrics, ckpt: None
     resume_from: str | None = None  # a checkpoint directory written by this loop
+    stop_at: int | None = None  # end (evaluated and checkpointed) at this step, short of max_steps
     checkpoint_root: str | None = "/tmp/attune-checkpoints"  # None: no checkpoints (benchmarks)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -98,6 +99,7 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
         state = torch.load(os.path.join(loop.resume_from, STATE_FILE), weights_only=False)
         parallel.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        _apply_recipe_hyperparameters(optimizer, scheduler, o)
         step = state["step"]
         history = json.loads(Path(loop.resume_from, HISTORY_FILE).read_text())
         _log(f"resumed from step {step} ({loop.resume_from})")
@@ -105,8 +107,9 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
     batches = _endless(loop.train_batches, start_epoch=step // (loop.steps_per_epoch or max_steps))
     peak = _peak_flops(device)
     window_tokens, window_start, metrics = 0.0, time.perf_counter(), {}
+    end = min(max_steps, loop.stop_at or max_steps)
     model.train()
-    while step < max_steps:
+    while step < end:
         micro = [_to(next(batches), device) for _ in range(o.grad_accum_steps)]
         local_labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         (global_labelled,) = parallel.all_reduce_sum([local_labelled], device)
@@ -131,8 +134,8 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
                    "lr": scheduler.get_last_lr()[0]}
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
-        at_eval = step % recipe.eval.every_steps == 0 or step == max_steps
-        at_checkpoint = step % recipe.checkpoint.every_steps == 0 or step == max_steps
+        at_eval = step % recipe.eval.every_steps == 0 or step == end
+        at_checkpoint = step % recipe.checkpoint.every_steps == 0 or step == end
         if step % recipe.eval.log_every_steps == 0 or at_eval or at_checkpoint:
             elapsed = time.perf_counter() - window_start
             metrics["tokens_per_s"] = tokens_total / elapsed
@@ -151,6 +154,18 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
         if "tokens_per_s" in metrics:  # the next window times training steps only, not eval or saving
             window_tokens, window_start = 0.0, time.perf_counter()
     return metrics
+
+
+def _apply_recipe_hyperparameters(optimizer, scheduler, o) -> None:
+    """The recipe's lr and weight decay win over the ones saved with the optimizer state, so a
+    run resumed with new values (Population Based Training's perturbations) trains with them."""
+    scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
+    # transformers' schedules are LambdaLR: lr = base lr x the schedule's factor at this step
+    lrs = [base * factor(scheduler.last_epoch)
+           for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group.update(initial_lr=o.lr, lr=lr, weight_decay=o.weight_decay)
+    scheduler._last_lr = lrs
 
 
 def evaluate(model, batches: Iterable[dict], device: torch.device) -> float:

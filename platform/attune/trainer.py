@@ -92,7 +92,8 @@ def _train_worker(config: dict) -> None:
     micro = recipe.optim.micro_batch_size
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
-    checkpoint = ray.train.get_checkpoint()
+    # The run's own latest checkpoint (a restarted worker group) before the one it started from.
+    checkpoint = ray.train.get_checkpoint() or config.get("start_from")
     resume_from = checkpoint.to_directory() if checkpoint else None
     scratch = tempfile.mkdtemp(prefix="attune-ckpt-")
 
@@ -120,6 +121,7 @@ def _train_worker(config: dict) -> None:
         steps_per_epoch=config["steps_per_epoch"],
         report=report,
         resume_from=resume_from,
+        stop_at=config.get("stop_at"),
         checkpoint_root=scratch,
         device=ray.train.torch.get_device(),  # [2] the device Ray Train assigned this worker
     )
@@ -137,8 +139,15 @@ def _keeping(batches, cache: list | None):
 
 
 def make_trainer(recipe: Recipe, base_path: str, prepared: PreparedData, *,
-                 storage_path: str | None = None, callbacks: list | None = None) -> TorchTrainer:
-    """The TorchTrainer for a recipe (Tune builds one per trial with its own callbacks)."""
+                 storage_path: str | None = None, callbacks: list | None = None,
+                 start_from=None,
+                 stop_at: int | None = None) -> TorchTrainer:
+    """The TorchTrainer for a recipe (Tune builds one per trial with its own callbacks).
+
+    `start_from` and `stop_at` train one stretch of a longer run: from a checkpoint of this loop
+    (a Ray Train or Tune Checkpoint: its step, optimizer and schedule) up to a step short of the
+    recipe's end.
+    """
     sc = recipe.scaling
     return TorchTrainer(
         _train_worker,
@@ -149,7 +158,8 @@ def make_trainer(recipe: Recipe, base_path: str, prepared: PreparedData, *,
                            # a round of split coordination.
                            "cache_shard": _shard_bytes(recipe, prepared.rows) < SHARD_CACHE_BYTES,
                            # fault injection (attune.loop) reaches workers of a running cluster
-                           "env": {k: v for k, v in os.environ.items() if k.startswith("ATTUNE_FAULT_")}},
+                           "env": {k: v for k, v in os.environ.items() if k.startswith("ATTUNE_FAULT_")},
+                           "start_from": start_from, "stop_at": stop_at},
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.gpus_per_worker > 0,
                                      resources_per_worker=_resources(recipe)),
         run_config=RunConfig(

@@ -20,7 +20,7 @@ from pathlib import Path
 from ray import tune
 
 from attune.config import Recipe, RecipeError
-from attune.tune_config import SearchConfig
+from attune.tune_config import SearchConfig, pbt_interval
 from attune.tune_results import TrialRow, best_row, format_table, trial_rows, write_results
 
 # The trial actor only drives its Train run (whose workers reserve their own resources); Ray's
@@ -53,7 +53,8 @@ def run_search(search: SearchConfig, recipe_raw: dict, callbacks: list | None = 
     resuming = _can_resume(search, recipe_raw, experiment_path)
     # One tokenized copy for every trial, unless the space changes the data itself.
     prepared = None if any(k.startswith("data.") for k in search.space) else prepare_data(recipe, base_path)
-    trainable = _trainable(recipe_raw, base_path, prepared, f"{experiment_path}/train-runs")
+    trainable = _trainable(search, recipe, recipe_raw, base_path, prepared,
+                           f"{experiment_path}/train-runs")
     if resuming:
         print(f"[attune] resuming experiment {experiment_path}", flush=True)
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True,
@@ -91,13 +92,18 @@ def _interrupted(grid, search: SearchConfig, elapsed_s: float) -> bool:
     return ended < len(grid) or len(grid) < search.num_trials()
 
 
-def _trainable(recipe_raw: dict, base_path: str, prepared, train_storage: str):
-    from attune.tune_trial import run_trial
+def _trainable(search: SearchConfig, recipe: Recipe, recipe_raw: dict, base_path: str, prepared,
+               train_storage: str):
+    from attune.tune_trial import run_trial, run_trial_in_stretches
 
-    return tune.with_resources(
-        tune.with_parameters(run_trial, recipe_raw=recipe_raw, base_path=base_path,
-                             prepared=prepared, train_storage=train_storage),
-        TRIAL_DRIVER)
+    common = dict(recipe_raw=recipe_raw, base_path=base_path, prepared=prepared,
+                  train_storage=train_storage)
+    if search.scheduler.type == "pbt":
+        trainable = tune.with_parameters(run_trial_in_stretches, **common,
+                                         interval=pbt_interval(search, recipe))
+    else:
+        trainable = tune.with_parameters(run_trial, **common)
+    return tune.with_resources(trainable, TRIAL_DRIVER)
 
 
 def _new_tuner(search: SearchConfig, recipe: Recipe, trainable, concurrency: int, storage: str,
@@ -197,7 +203,12 @@ def _show(resources: dict) -> str:
 
 
 def _scheduler(search: SearchConfig, recipe: Recipe):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+    from ray.tune.schedulers import (
+        ASHAScheduler,
+        FIFOScheduler,
+        MedianStoppingRule,
+        PopulationBasedTraining,
+    )
 
     s, max_steps = search.scheduler, recipe.optim.max_steps
     grace = min(s.grace_period or 2 * recipe.eval.every_steps, max_steps)
@@ -208,7 +219,18 @@ def _scheduler(search: SearchConfig, recipe: Recipe):
     if s.type == "median":
         return MedianStoppingRule(time_attr="step", grace_period=grace,
                                   min_samples_required=s.min_samples_required)
+    if s.type == "pbt":
+        return PopulationBasedTraining(
+            time_attr="step", perturbation_interval=pbt_interval(search, recipe),
+            hyperparam_mutations={dim.key: _mutation(dim) for dim in search.dimensions()},
+            quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability,
+            synch=s.synch)
     return FIFOScheduler()
+
+
+def _mutation(dim):
+    """What PBT may move a value to: the range itself; for grid([...]), any of its values."""
+    return tune.choice(list(dim.args[0])) if dim.kind == "grid" else dim.domain()
 
 
 def _searcher(search: SearchConfig, concurrency: int):

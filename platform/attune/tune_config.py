@@ -32,17 +32,33 @@ from attune.tune_space import Dimension, check_dimension, parse_dimension
 REPORTED_METRICS = ("eval_loss", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")
 
 
+# What a Population Based Training perturbation may change in a running trial: values the loop
+# reads from the recipe when it resumes (attune.loop), not ones baked into the model or the data.
+PERTURBABLE = ("optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.max_grad_norm")
+
+
 class SchedulerConfig(_Strict):
-    type: Literal["asha", "median", "fifo"] = Field(
+    type: Literal["asha", "median", "pbt", "fifo"] = Field(
         "asha", description="ASHA stops trials that fall behind at rungs; 'median' stops a trial "
-        "whose best is worse than the median of the others at the same step; 'fifo' runs every "
-        "trial to the end (plain random or Optuna search).")
+        "whose best is worse than the median of the others at the same step; 'pbt' (Population "
+        "Based Training) has weak trials continue from a strong trial's checkpoint with perturbed "
+        "values of the space; 'fifo' runs every trial to the end (plain random or Optuna search).")
     grace_period: int | None = Field(
         None, ge=1, description="Steps every trial runs before it may be stopped; default: two "
         "eval intervals of the recipe.")
     reduction_factor: float = Field(3, gt=1, description="ASHA: keep the top 1/factor at each rung.")
     min_samples_required: int = Field(3, ge=1, description="Median: trials that must have reached a "
                                       "step before the median there is trusted.")
+    perturbation_interval: int | None = Field(
+        None, ge=1, description="PBT: steps between a trial's exploit/explore decisions; each "
+        "stretch is one Train run that ends with a checkpoint. Default: two eval intervals.")
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="PBT: the bottom fraction "
+                                     "of trials that clone one of the top fraction.")
+    resample_probability: float = Field(0.25, ge=0, le=1, description="PBT: chance that a cloned "
+                                        "value is drawn afresh from the space instead of scaled "
+                                        "by 0.8 or 1.2 (or moved to a neighbouring choice).")
+    synch: bool = Field(False, description="PBT: decide only when every trial has reached the "
+                        "interval (steadier, slower) rather than as each trial reaches it.")
 
 
 class SearcherConfig(_Strict):
@@ -129,11 +145,31 @@ def check_reports(search: SearchConfig, recipe: Recipe) -> None:
     if recipe.optim.max_steps is None:
         raise RecipeError("optim.max_steps: a search compares trials by step; set a step count "
                           "instead of optim.epochs")
+    if search.scheduler.type == "pbt":
+        check_pbt(search, recipe)
     timing = [key for key in search.space
               if key.startswith(("eval.", "checkpoint.", "optim.max_steps", "optim.epochs"))]
     if timing:
         raise RecipeError(f"space.{timing[0]}: decides when trials report, which the scheduler "
                           "compares across trials; fix it with overrides instead")
+
+
+def check_pbt(search: SearchConfig, recipe: Recipe) -> None:
+    fixed = [key for key in search.space if key not in PERTURBABLE]
+    if fixed:
+        raise RecipeError(f"space.{fixed[0]}: PBT changes values in the middle of a trial and this "
+                          f"one cannot change mid-run; PBT can search {', '.join(PERTURBABLE)}")
+    if search.searcher.type != "random":
+        raise RecipeError(f"searcher.type: PBT chooses values itself; {search.searcher.type!r} "
+                          "cannot be combined with it (use random)")
+    interval = pbt_interval(search, recipe)
+    if interval >= recipe.optim.max_steps:
+        raise RecipeError(f"scheduler.perturbation_interval: {interval} steps leaves no room for a "
+                          f"perturbation in a run of optim.max_steps={recipe.optim.max_steps}")
+
+
+def pbt_interval(search: SearchConfig, recipe: Recipe) -> int:
+    return search.scheduler.perturbation_interval or 2 * recipe.eval.every_steps
 
 
 def trial_recipe(recipe_raw: dict, params: dict, name: str) -> Recipe:
