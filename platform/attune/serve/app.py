@@ -21,6 +21,18 @@ from attune.serve.ingress import Ingress, RetryAfterMiddleware, add_openai_error
 from attune.serve.entries import check_servable, promote_adapter, read_entry
 from attune.serve.server import LLMServer
 
+# Ray Serve settings each replica reads from its environment, so the runtime_env of both
+# deployments carries them (local Ray, `serve run`, a RayService alike). On a few cores every
+# streamed token crosses these replicas; measured in bench/serve.py:
+#   RUN_USER_CODE_IN_SEPARATE_THREAD=0  user code on the replica's own event loop: no hand-over
+#                                       between two loops for every streamed chunk
+#   RUN_ROUTER_IN_SEPARATE_LOOP=0       the ingress's router for its model handles, likewise
+#   USE_GRPC_BY_DEFAULT=1               ingress -> model server over Serve's gRPC channel
+#                                       instead of Ray object references per chunk
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+               "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+               "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+
 
 def build_app(args: dict) -> Application:
     """Ray Serve builder (`import_path: attune.serve:build_app`); `args` is a ServeConfig."""
@@ -52,11 +64,11 @@ def _llm_config(model_id: str, source: str, config: ServeConfig, lora: bool) -> 
         engine_kwargs |= {"enable_lora": True, "max_lora_rank": e.max_lora_rank,
                           "max_loras": e.max_loras}
     a = config.autoscaling
-    kwargs = {}
+    kwargs = {"runtime_env": {"env_vars": dict(REPLICA_ENV)}}
     if config.accelerator == "cpu":
         # Without this every replica asks Ray for a GPU and waits forever.
         kwargs["accelerator_config"] = {"kind": "cpu"}
-        kwargs["runtime_env"] = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(e.cpu_kvcache_gib)}}
+        kwargs["runtime_env"]["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] = str(e.cpu_kvcache_gib)
     if lora:
         base = next(s for s in config.base_models if s.id == model_id)
         kwargs["lora_config"] = {"dynamic_lora_loading_path": _store_for(config, base),
@@ -70,9 +82,14 @@ def _llm_config(model_id: str, source: str, config: ServeConfig, lora: bool) -> 
                                    "target_ongoing_requests": a.target_ongoing_requests},
             "max_ongoing_requests": config.max_ongoing_requests,
             "max_queued_requests": config.max_queued_requests,
+            "logging_config": _logging(config),
         },
         **kwargs,
     )
+
+
+def _logging(config: ServeConfig) -> dict:
+    return {"enable_access_log": config.access_log}
 
 
 def _store_for(config: ServeConfig, base: BaseModelSpec) -> str:
@@ -102,8 +119,11 @@ def openai_app(configs: list[LLMConfig], config: ServeConfig) -> Application:
     capacity = (config.max_ongoing_requests + config.max_queued_requests) * max(len(configs), 1)
     options["max_ongoing_requests"] = 4 * capacity
     options["max_queued_requests"] = 4 * capacity
+    actor = options.setdefault("ray_actor_options", {})
+    actor["runtime_env"] = {"env_vars": dict(REPLICA_ENV)}
     if config.accelerator == "cpu":
-        options.setdefault("ray_actor_options", {})["num_cpus"] = 0  # it mostly waits on engines
+        actor["num_cpus"] = 0  # it mostly waits on engines
+    options["logging_config"] = _logging(config)
     return serve.deployment(ingress, **options).bind(
         llm_deployments={c.model_id: build_llm_deployment(c, deployment_cls=LLMServer)
                          for c in configs},

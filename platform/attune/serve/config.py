@@ -68,6 +68,8 @@ class ServeConfig(_Strict):
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica works on.")
     max_queued_requests: int = Field(256, ge=1, description="Requests waiting beyond that; more "
                                      "are refused with 503 instead of queueing without bound.")
+    access_log: bool = Field(False, description="Log a line per request in every replica; off "
+                             "by default, as on a few cores the logging competes with serving.")
     auth: Literal["api_key", "none"] = Field("api_key", description="Require a bearer key on "
                                              "/v1/*; 'none' must be said explicitly.")
     api_keys_env: str = Field("ATTUNE_API_KEYS", description="Environment variable holding "
