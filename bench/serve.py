@@ -13,12 +13,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
@@ -95,20 +99,24 @@ def bench_vllm(entry: str, requests: int, questions) -> dict:
 
 
 def bench_attune(entry: str, requests: int, questions, batching_ms: float) -> dict:
-    from ray import serve
-
-    from attune.serve import ServeConfig
-    from attune.serve.local import run
-
-    # One engine, as on the vLLM side: the fine-tuned entry served as a model of its own.
-    config = ServeConfig(base_models=[{"id": "tiny-full", "name_or_path": entry}],
-                         engine={"max_model_len": 512, "stream_batching_interval_ms": batching_ms})
-    endpoint = run(config, port=8032)
-    try:
-        wait_for(f"{endpoint.base_url}/models")
-        return run_levels(endpoint.base_url, "tiny-full", requests, questions)
-    finally:
-        serve.shutdown()
+    # One engine, as on the vLLM side: the fine-tuned entry served as a model of its own. Like
+    # vLLM's, the server runs apart from this client (`attune serve`, output discarded), so
+    # neither side's logging lands in the process that measures.
+    port = 8032
+    config = {"base_models": [{"id": "tiny-full", "name_or_path": entry}],
+              "engine": {"max_model_len": 512, "stream_batching_interval_ms": batching_ms}}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(config, f)
+        f.flush()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "attune", "serve", f.name, "--port", str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(f"http://127.0.0.1:{port}/v1/models")
+            return run_levels(f"http://127.0.0.1:{port}/v1", "tiny-full", requests, questions)
+        finally:
+            server.send_signal(signal.SIGINT)  # `attune serve` stops Serve and its Ray on Ctrl-C
+            server.wait(120)
 
 
 def main() -> None:
@@ -120,11 +128,14 @@ def main() -> None:
     os.environ.setdefault("ATTUNE_HOME", "/tmp/attune-bench")
     os.environ["ATTUNE_API_KEYS"] = KEY
 
+    import ray
+
     from attune.answers import qa_pairs
     from attune.config import load_recipe
     from attune.trainer import fine_tune
 
     entry = fine_tune(load_recipe("recipes/tiny-full.yaml"))  # resumes if already trained
+    ray.shutdown()  # the training cluster would idle beside both servers
     questions = [q for q, _ in qa_pairs()]
     vllm = bench_vllm(entry, args.requests, questions)
     result = {"requests_per_level": args.requests, "output_tokens": OUTPUT_TOKENS, "vllm": vllm}
