@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -108,6 +109,11 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
     peak = _peak_flops(device)
     window_tokens, window_start, metrics = 0.0, time.perf_counter(), {}
     end = min(max_steps, loop.stop_at or max_steps)
+    if step >= end and history:
+        # Resumed at its end: the run finished, but whoever waited on it may not have heard (a Tune
+        # trial interrupted right after its last step). Say the last report again, not nothing.
+        loop.report(history[-1], _copy_checkpoint(loop.resume_from, step, loop))
+        return history[-1]
     model.train()
     while step < end:
         micro = [_to(next(batches), device) for _ in range(o.grad_accum_steps)]
@@ -192,6 +198,13 @@ def _save_checkpoint(model, optimizer, scheduler, step, history, loop: Loop) -> 
                path / STATE_FILE)
     (path / HISTORY_FILE).write_text(json.dumps(history))
     return str(path)
+
+
+def _copy_checkpoint(source: str, step: int, loop: Loop) -> str | None:
+    """Rank 0's copy of a checkpoint, to report again (the report hook may delete what it gets)."""
+    if parallel.rank() != 0 or not loop.checkpoint_root:
+        return None
+    return shutil.copytree(source, Path(loop.checkpoint_root) / f"step-{step:07d}", dirs_exist_ok=True)
 
 
 def _endless(make_batches: Callable[[int], Iterable[dict]], start_epoch: int):
