@@ -119,24 +119,24 @@ def test_a_bad_learning_rate_is_stopped_early_and_never_best(asha_search):
 
 @pytest.mark.slow
 def test_pbt_has_a_weak_trial_continue_from_the_strong_trials_checkpoint(ray_cluster, tiny_base):
-    """Two trials, lr 1e-6 (learns nothing) and 3e-3; at step 15 the weak one takes the strong
-    one's checkpoint, so its loss drops to where the strong trial was, which 1e-6 cannot do."""
+    """Two trials, lr 1e-6 (learns nothing) and 3e-3; at step 20 the weak one takes the strong
+    one's checkpoint, so its loss drops to where the strong trial was, which 1e-6 cannot do.
+    The interval does not divide the 30 steps, so PBT makes no decision at the very end (one
+    there could restart a finished trial from the other's final checkpoint)."""
     from attune.tune import run_search
 
     search, recipe_raw = load_search(SEARCH, [
-        "name=test-pbt", "num_samples=1", *SHORT, "checkpoint.every_steps=15",
-        "scheduler.type=pbt", "scheduler.perturbation_interval=15", "scheduler.synch=true",
+        "name=test-pbt", "num_samples=1", *SHORT, "checkpoint.every_steps=10",
+        "scheduler.type=pbt", "scheduler.perturbation_interval=20", "scheduler.synch=true",
         "scheduler.quantile_fraction=0.5", 'space={"optim.lr": "grid([1e-6, 3e-3])"}'])
     outcome = run_search(search, recipe_raw)
 
     assert len(outcome.rows) == 2 and not any(r.error for r in outcome.rows)
     assert all(r.steps == 30 and not r.stopped_early for r in outcome.rows)
-    frames = tune.ExperimentAnalysis(outcome.experiment_path).trial_dataframes.values()
-    curves = {f["trial_id"].iloc[-1]: f.set_index("step")["eval_loss"] for f in frames}
-    weak = next(t for t, c in curves.items() if c[15] == max(c[15] for c in curves.values()))
-    strong = next(t for t in curves if t != weak)
-    assert curves[weak][15] - curves[strong][15] > 0.5  # 1e-6 had learned nothing by step 15
-    assert curves[weak][30] <= curves[strong][15] + 0.05  # then it went on from the strong one's
+    # Alone, 1e-6 ends 30 steps where it began (about 7.0, see the ASHA test's table); cloned from
+    # the 3e-3 trial at step 20, it ends beside that trial.
+    finals = sorted(r.final for r in outcome.rows)
+    assert finals[-1] < 6.0 and finals[-1] - finals[0] < 1.0
     assert read_manifest(outcome.entry)["tune"]["trial"] == outcome.best.trial
 
 
