@@ -51,7 +51,9 @@ class SchedulerConfig(_Strict):
                                       "step before the median there is trusted.")
     perturbation_interval: int | None = Field(
         None, ge=1, description="PBT: steps between a trial's exploit/explore decisions; each "
-        "stretch is one Train run that ends with a checkpoint. Default: two eval intervals.")
+        "stretch is one Train run that ends with a checkpoint. Default: two eval intervals. Pick "
+        "one that does not divide optim.max_steps, or PBT also decides at the last step, where a "
+        "clone restarts a finished trial from another's final checkpoint.")
     quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="PBT: the bottom fraction "
                                      "of trials that clone one of the top fraction.")
     resample_probability: float = Field(0.25, ge=0, le=1, description="PBT: chance that a cloned "

@@ -23,7 +23,8 @@ from attune.serve.server import LLMServer
 
 # Ray Serve settings each replica reads from its environment, so the runtime_env of both
 # deployments carries them (local Ray, `serve run`, a RayService alike). On a few cores every
-# streamed token crosses these replicas; measured in bench/serve.py:
+# streamed token crosses these replicas. Short bench/serve.py runs suggested they help; a full
+# quiet run showed no measurable gain (README, Serving benchmark), so they are kept as harmless:
 #   RUN_USER_CODE_IN_SEPARATE_THREAD=0  user code on the replica's own event loop: no hand-over
 #                                       between two loops for every streamed chunk
 #   RUN_ROUTER_IN_SEPARATE_LOOP=0       the ingress's router for its model handles, likewise
