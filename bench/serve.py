@@ -5,7 +5,8 @@
 Same machine, same run, same fine-tuned tiny model, same request mix: streaming chat requests
 with a fixed output of 64 tokens (ignore_eos) at concurrency 1, 8 and 32. Reports output
 tokens/s, TTFT and inter-token latency (p50/p99), and attune/vLLM ratios, in
-bench/results/serve.json.
+bench/results/serve.json, for attune's default app (stream batching 0 and 20 ms) and for its
+direct-streaming mode.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 OUTPUT_TOKENS = 64
 CONCURRENCY = (1, 8, 32)
 KEY = "bench-key"
+# attune's configurations: the default app with stream batching off (attune's default) and at
+# 20 ms, and direct streaming (one model, vLLM's server as the ingress behind HAProxy), which
+# skips attune's ingress replica and Serve's Python proxy.
+SIDES = {"batching_0ms": {"batching_ms": 0}, "batching_20ms": {"batching_ms": 20},
+         "direct_streaming": {"direct": True}}
 
 
 async def one_request(client, model: str, question: str) -> dict:
@@ -98,13 +104,15 @@ def bench_vllm(entry: str, requests: int, questions) -> dict:
         server.wait(60)
 
 
-def bench_attune(entry: str, requests: int, questions, batching_ms: float) -> dict:
+def bench_attune(entry: str, requests: int, questions, batching_ms: float = 0,
+                 direct: bool = False) -> dict:
     # One engine, as on the vLLM side: the fine-tuned entry served as a model of its own. Like
     # vLLM's, the server runs apart from this client (`attune serve`, output discarded), so
     # neither side's logging lands in the process that measures.
     port = 8032
     config = {"base_models": [{"id": "tiny-full", "name_or_path": entry}],
-              "engine": {"max_model_len": 512, "stream_batching_interval_ms": batching_ms}}
+              "engine": {"max_model_len": 512, "stream_batching_interval_ms": batching_ms},
+              "direct_streaming": direct}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         yaml.safe_dump(config, f)
         f.flush()
@@ -124,6 +132,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
+                        help="attune's configurations to measure (vLLM's server is always the baseline)")
+    parser.add_argument("--out", default="bench/results/serve.json")
     args = parser.parse_args()
     os.environ.setdefault("ATTUNE_HOME", "/tmp/attune-bench")
     os.environ["ATTUNE_API_KEYS"] = KEY
@@ -141,14 +152,14 @@ def main() -> None:
     result = {"requests_per_level": args.requests, "output_tokens": OUTPUT_TOKENS, "vllm": vllm}
     # Ray Serve LLM gathers streamed tokens for stream_batching_interval_ms (Ray's default 50)
     # before sending: 0 is attune's default; 20 trades first-token latency for fewer messages.
-    for batching_ms in (0, 20):
-        attune = bench_attune(entry, args.requests, questions, batching_ms)
-        result[f"attune_batching_{batching_ms}ms"] = attune
-        result[f"ratios_batching_{batching_ms}ms"] = {
+    for name in args.sides:
+        attune = bench_attune(entry, args.requests, questions, **SIDES[name])
+        result[f"attune_{name}"] = attune
+        result[f"ratios_{name}"] = {
             c: {"throughput": attune[c]["output_tokens_per_s"] / vllm[c]["output_tokens_per_s"],
                 "ttft_p50_delta_ms": attune[c]["ttft_ms_p50"] - vllm[c]["ttft_ms_p50"]}
             for c in vllm}
-    out = Path("bench/results/serve.json")
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

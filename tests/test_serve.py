@@ -126,11 +126,16 @@ BAD_REQUESTS = {
 
 @pytest.mark.parametrize("name", list(BAD_REQUESTS))
 def test_bad_request_gets_a_4xx_and_the_service_keeps_answering(served_endpoint, name):
-    status, _, body = post(served_endpoint, "/chat/completions", BAD_REQUESTS[name])
+    assert_refused_then_answers(served_endpoint, BAD_REQUESTS[name])
+
+
+def assert_refused_then_answers(endpoint, bad: bytes | dict) -> None:
+    """A 4xx in OpenAI's error shape for `bad`, then a right answer to a good request."""
+    status, _, body = post(endpoint, "/chat/completions", bad)
     assert 400 <= status < 500, (status, body)
     assert body["error"]["message"], body
     assert {"message", "type", "code"} <= set(body["error"])
-    status, _, answer = post(served_endpoint, "/chat/completions", GOOD)
+    status, _, answer = post(endpoint, "/chat/completions", GOOD)
     assert status == 200 and answer["choices"][0]["message"]["content"].strip() == QUESTIONS[0][1]
 
 

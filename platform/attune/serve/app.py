@@ -38,6 +38,10 @@ REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 def build_app(args: dict) -> Application:
     """Ray Serve builder (`import_path: attune.serve:build_app`); `args` is a ServeConfig."""
     config = args if isinstance(args, ServeConfig) else validate(ServeConfig, dict(args), "serve args")
+    if config.direct_streaming:
+        from attune.serve.direct import direct_app
+
+        return direct_app(config)
     return openai_app(llm_configs(config), config)
 
 
@@ -66,6 +70,8 @@ def _llm_config(model_id: str, source: str, config: ServeConfig, lora: bool) -> 
                           "max_loras": e.max_loras}
     a = config.autoscaling
     kwargs = {"runtime_env": {"env_vars": dict(REPLICA_ENV)}}
+    if config.direct_streaming:  # the replica serves HTTP itself, behind HAProxy
+        kwargs["runtime_env"]["env_vars"]["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     if config.accelerator == "cpu":
         # Without this every replica asks Ray for a GPU and waits forever.
         kwargs["accelerator_config"] = {"kind": "cpu"}
@@ -83,6 +89,9 @@ def _llm_config(model_id: str, source: str, config: ServeConfig, lora: bool) -> 
                                    "target_ongoing_requests": a.target_ongoing_requests},
             "max_ongoing_requests": config.max_ongoing_requests,
             "max_queued_requests": config.max_queued_requests,
+            # A request beyond the queue gets 503 + Retry-After from the replica itself: the
+            # answer direct streaming's clients see (in the default app the ingress re-shapes it).
+            "backpressure_config": {"status_code": 503, "retry_after_s": 1},
             "logging_config": _logging(config),
         },
         **kwargs,

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 
 LOOPBACK_NAMES = {"localhost"}
+# Health and readiness stay open: Serve's own routes, and vLLM's when it is the ingress.
+OPEN_PATHS = {"/-/healthz", "/-/routes", "/health", "/ping"}
 
 
 def load_keys(env_var: str, key_file: str | None) -> list[str]:
@@ -33,7 +35,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def openai_error(status: int, message: str, type_: str, code: str | None = None,
+def openai_error(status: int, message: str, type_: str, code: str | int | None = None,
                  param: str | None = None) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "param": param,
                                  "code": code}}).encode()
@@ -54,7 +56,8 @@ class ApiKeyMiddleware:
                     "serving config to serve openly on purpose.")
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.keys and not self._authorized(scope):
+        if (scope["type"] == "http" and self.keys and scope["path"] not in OPEN_PATHS
+                and not self._authorized(scope)):
             body = openai_error(401, "Missing or invalid API key: send 'Authorization: Bearer "
                                 "<key>'.", "authentication_error", code="invalid_api_key")
             await send({"type": "http.response.start", "status": 401,

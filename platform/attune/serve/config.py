@@ -68,6 +68,11 @@ class ServeConfig(_Strict):
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica works on.")
     max_queued_requests: int = Field(256, ge=1, description="Requests waiting beyond that; more "
                                      "are refused with 503 instead of queueing without bound.")
+    direct_streaming: bool = Field(
+        False, description="Serve one model with its vLLM server as the app's HTTP ingress "
+        "(Ray Serve's HAProxy ingress and direct streaming): tokens skip attune's ingress replica "
+        "and Serve's Python proxy. One model, no LoRA; the Ray cluster must be started with "
+        "RAY_SERVE_ENABLE_HA_PROXY=1 (`attune serve` does that for its embedded Ray).")
     access_log: bool = Field(False, description="Log a line per request in every replica; off "
                              "by default, as on a few cores the logging competes with serving.")
     auth: Literal["api_key", "none"] = Field("api_key", description="Require a bearer key on "
@@ -85,4 +90,11 @@ class ServeConfig(_Strict):
         if self.lora_store and "://" not in self.lora_store:
             raise ValueError(f"lora_store: {self.lora_store!r} is not an object-store URI "
                              "(s3://bucket/prefix or gs://bucket/prefix)")
+        served = len(self.base_models) + len(self.entries)
+        if self.direct_streaming and (served != 1 or self.lora_store):
+            raise ValueError(
+                f"direct_streaming: serves exactly one model and no LoRA adapters; this config "
+                f"has {len(self.base_models)} base model(s), {len(self.entries)} entr(y/ies)"
+                f"{' and a lora_store' if self.lora_store else ''}. To serve a full fine-tune "
+                "directly, name its registry directory as the one base model.")
         return self

@@ -20,14 +20,19 @@ from starlette.exceptions import HTTPException
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
+def unknown_role(messages: list) -> str | None:
+    """What is wrong with the first message whose role no chat template knows, if one is."""
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+        if role not in ROLES:
+            return f"messages[{i}].role: {role!r} is not one of {sorted(ROLES)}"
+    return None
+
+
 class Ingress(OpenAiIngress):
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        for i, message in enumerate(body.messages):
-            role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
-            if role not in ROLES:
-                raise OpenAIHTTPException(
-                    status_code=400, type="invalid_request_error",
-                    message=f"messages[{i}].role: {role!r} is not one of {sorted(ROLES)}")
+        if problem := unknown_role(body.messages):
+            raise OpenAIHTTPException(status_code=400, type="invalid_request_error", message=problem)
         return await super().chat(body, request)
 
 

@@ -50,12 +50,30 @@ def config_from_recipe(path: str, overrides: list[str] = ()) -> ServeConfig:
     )
 
 
+def _enable_ha_proxy() -> None:
+    """Direct streaming needs Serve's HAProxy ingress, which Serve reads from the environment
+    once, when its modules load and when the cluster's controller and proxies start: set it
+    before either, for this process and the embedded Ray it starts."""
+    import os
+    import sys
+
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    if "ray.serve._private.constants" in sys.modules:
+        from ray.serve._private import constants
+
+        if not constants.RAY_SERVE_ENABLE_HA_PROXY:
+            raise RecipeError("direct_streaming: Ray Serve was loaded in this process before "
+                              "RAY_SERVE_ENABLE_HA_PROXY=1 was set; set it before starting Python")
+
+
 def _base_id(name_or_path: str) -> str:
     return name_or_path.removeprefix("attune:").rstrip("/").rsplit("/", 1)[-1]
 
 
 def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "attune") -> Endpoint:
     """Deploy the app and wait until it is healthy."""
+    if config.direct_streaming:
+        _enable_ha_proxy()
     from ray import serve
 
     from attune.serve.app import build_app

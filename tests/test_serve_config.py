@@ -1,0 +1,38 @@
+"""The serving config refuses what cannot be served before anything is deployed, naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from attune.config import RecipeError, validate
+from attune.serve import ServeConfig
+
+TINY = {"id": "tiny-llama", "name_or_path": "attune:tiny-llama"}
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"base_models": [TINY], "engin": {}}, "engin"),
+    ({"base_models": [TINY, TINY]}, "duplicate ids"),
+    ({"base_models": [TINY], "lora_store": "/tmp/adapters"}, "lora_store"),
+    ({"base_models": [TINY], "autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas"),
+    ({"base_models": [TINY], "entries": ["/tmp/tiny-full"], "direct_streaming": True},
+     "direct_streaming: serves exactly one model"),
+    ({"base_models": [TINY], "lora_store": "s3://b/adapters", "direct_streaming": True},
+     "direct_streaming"),
+])
+def test_bad_serving_configs_name_the_key(args, message):
+    with pytest.raises(RecipeError, match=message):
+        validate(ServeConfig, args, "serve args")
+
+
+def test_one_model_may_be_served_directly():
+    config = validate(ServeConfig, {"base_models": [TINY], "direct_streaming": True}, "serve args")
+    assert config.direct_streaming and config.auth == "api_key"
+
+
+def test_building_a_direct_app_without_the_ha_proxy_says_what_to_set():
+    """In a process (and Ray) started without RAY_SERVE_ENABLE_HA_PROXY=1, as pytest is."""
+    from attune.serve import build_app
+
+    with pytest.raises(RuntimeError, match="RAY_SERVE_ENABLE_HA_PROXY=1"):
+        build_app({"base_models": [TINY], "direct_streaming": True})

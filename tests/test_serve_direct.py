@@ -1,0 +1,120 @@
+"""Direct streaming on the real stack: `attune serve` with `direct_streaming: true` starts its own
+Ray with Serve's HAProxy ingress, and the fine-tuned model's vLLM server is the app's ingress.
+The same promises as the default app: taught answers, API keys, 4xx for bad input, 503 with
+Retry-After beyond the queue.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import yaml
+from conftest import API_KEY, ServedEndpoint, _free_port
+from test_serve import BAD_REQUESTS, QUESTIONS, ask, assert_refused_then_answers, client, post
+
+from attune.answers import exact_match
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def direct_endpoint(tiny_full_entry, tmp_path_factory):
+    """`attune serve` in its own process (its own Ray: Serve reads the HAProxy switch at start),
+    room for 2 requests at work and 2 waiting, so that a burst meets the queue's limit."""
+    config = {"base_models": [{"id": "tiny-full", "name_or_path": tiny_full_entry}],
+              "direct_streaming": True, "engine": {"max_model_len": 512},
+              "max_ongoing_requests": 2, "max_queued_requests": 2}
+    folder = tmp_path_factory.mktemp("direct")
+    (folder / "serve.yaml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not the session's Ray
+    log = open(folder / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "attune", "serve", str(folder / "serve.yaml"),
+                             "--port", str(port)], env={**env, "ATTUNE_API_KEYS": API_KEY},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = ServedEndpoint(f"http://127.0.0.1:{port}/v1", API_KEY, "", "tiny-full", "", config)
+    try:
+        _wait_until_serving(endpoint, proc, folder / "serve.log")
+        yield endpoint
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # `attune serve` shuts Serve and its Ray down
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _wait_until_serving(endpoint, proc, log_path, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"attune serve exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if client(endpoint).models.list().data:
+                return
+        except Exception:  # not up yet
+            time.sleep(2)
+    pytest.fail(f"attune serve did not answer in {timeout} s:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streaming"])
+def test_direct_model_answers_what_it_was_taught(direct_endpoint, stream):
+    assert [m.id for m in client(direct_endpoint).models.list().data] == ["tiny-full"]
+    questions, expected = zip(*QUESTIONS)
+    with ThreadPoolExecutor(2) as pool:  # within the fixture's 2 requests at work
+        got = list(pool.map(lambda q: ask(client(direct_endpoint), "tiny-full", q, stream), questions))
+    assert exact_match(got, expected) >= 0.9
+
+
+def test_direct_auth(direct_endpoint):
+    body = {"model": "tiny-full", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for key in (None, "wrong-key"):
+        status, _, error = post(direct_endpoint, "/chat/completions", body, key=key)
+        assert status == 401
+        assert set(error["error"]) == {"message", "type", "param", "code"}
+        assert API_KEY not in str(error)
+    assert post(direct_endpoint, "/chat/completions", body)[0] == 200
+    root = direct_endpoint.base_url.removesuffix("/v1")
+    for health in ("/-/healthz", "/health"):  # Serve's and vLLM's, open without a key
+        assert urllib.request.urlopen(root + health, timeout=10).status == 200
+
+
+@pytest.mark.parametrize("name", [n for n in BAD_REQUESTS if n != "unknown adapter"])
+def test_direct_bad_request_gets_a_4xx_and_the_service_keeps_answering(direct_endpoint, name):
+    assert_refused_then_answers(direct_endpoint, BAD_REQUESTS[name])
+
+
+def test_direct_overload_beyond_the_queue_is_refused_with_retry_after(direct_endpoint):
+    # long answers, so that the burst is still at work when its last requests arrive
+    burst = {"model": "tiny-full", "messages": [{"role": "user", "content": "hi"}],
+             "max_tokens": 400, "ignore_eos": True}
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda _: _post_raw(direct_endpoint, burst), range(12)))
+    statuses = sorted(status for status, _ in results)
+    assert statuses.count(200) >= 1 and set(statuses) <= {200, 503}, statuses
+    refused = [headers for status, headers in results if status == 503]
+    assert refused and all(h.get("retry-after") == "1" for h in refused), statuses
+
+
+def _post_raw(endpoint, body: dict) -> tuple[int, dict]:
+    """The status and headers only: Serve's own refusal is plain text, not JSON."""
+    import json
+
+    request = urllib.request.Request(
+        endpoint.base_url + "/chat/completions", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            r.read()
+            return r.status, {k.lower(): v for k, v in r.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}
