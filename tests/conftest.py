@@ -7,6 +7,7 @@ fine-tuned model take `tiny_full_entry` / `tiny_lora_entry` rather than training
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,9 +103,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def ray_head(attune_home):
-    """A separate `ray start --head` cluster, as on a real cluster; yields its dashboard address.
+@dataclass
+class RayHead:
+    gcs: str  # host:port, for RAY_ADDRESS
+    dashboard: str  # http://host:port, for `ray job submit` and `serve deploy`
+
+
+@contextmanager
+def ray_start_head(**env_vars: str):
+    """A separate `ray start --head` cluster, as on a real cluster, with `env_vars` in its
+    environment from the start.
 
     Started with --block in its own process group so that the teardown stops this cluster
     alone (`ray stop` would also kill the session's in-process Ray).
@@ -123,7 +131,7 @@ def ray_head(attune_home):
         "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     ray_bin = Path(sys.executable).with_name("ray")
     # the venv's bin on PATH, so that job entrypoints find `python -m attune` and `attune`
-    env = {**os.environ, "RAY_AUTH_MODE": "token",
+    env = {**os.environ, **env_vars,
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=16",
@@ -143,12 +151,21 @@ def ray_head(attune_home):
                 os.killpg(proc.pid, signal.SIGKILL)
                 raise RuntimeError("ray start --head did not come up")
             time.sleep(1)
-    yield address
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        yield RayHead(f"127.0.0.1:{gcs}", address)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def ray_head(attune_home):
+    """A `ray start --head` cluster with token auth (as KubeRay's); yields its dashboard address."""
+    with ray_start_head(RAY_AUTH_MODE="token") as head:
+        yield head.dashboard
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Direct streaming on the real stack: `attune serve` with `direct_streaming: true` starts its own
-Ray with Serve's HAProxy ingress, and the fine-tuned model's vLLM server is the app's ingress.
+"""Direct streaming on the real stack: `attune serve` with `direct_streaming: true` on a Ray
+cluster started with Serve's HAProxy ingress; the fine-tuned model's vLLM server is the app's ingress.
 The same promises as the default app: taught answers, API keys, 4xx for bad input, 503 with
 Retry-After beyond the queue.
 """
@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
-from conftest import API_KEY, ServedEndpoint, _free_port
+from conftest import API_KEY, ServedEndpoint, _free_port, ray_start_head
 from test_serve import BAD_REQUESTS, QUESTIONS, ask, assert_refused_then_answers, client, post
 
 from attune.answers import exact_match
@@ -27,30 +27,31 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def direct_endpoint(tiny_full_entry, tmp_path_factory):
-    """`attune serve` in its own process (its own Ray: Serve reads the HAProxy switch at start),
-    room for 2 requests at work and 2 waiting, so that a burst meets the queue's limit."""
+    """`attune serve` on a `ray start --head` cluster started with Serve's HAProxy switch (Serve
+    reads it once, at start), room for 2 requests at work and 2 waiting, so that a burst meets
+    the queue's limit."""
     config = {"base_models": [{"id": "tiny-full", "name_or_path": tiny_full_entry}],
               "direct_streaming": True, "engine": {"max_model_len": 512},
               "max_ongoing_requests": 2, "max_queued_requests": 2}
     folder = tmp_path_factory.mktemp("direct")
     (folder / "serve.yaml").write_text(yaml.safe_dump(config))
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not the session's Ray
-    log = open(folder / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "attune", "serve", str(folder / "serve.yaml"),
-                             "--port", str(port)], env={**env, "ATTUNE_API_KEYS": API_KEY},
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = ServedEndpoint(f"http://127.0.0.1:{port}/v1", API_KEY, "", "tiny-full", "", config)
-    try:
-        _wait_until_serving(endpoint, proc, folder / "serve.log")
-        yield endpoint
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)  # `attune serve` shuts Serve and its Ray down
+    with ray_start_head(RAY_SERVE_ENABLE_HA_PROXY="1") as head, \
+            open(folder / "serve.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "attune", "serve", str(folder / "serve.yaml"), "--port", str(port)],
+            env={**os.environ, "RAY_ADDRESS": head.gcs, "ATTUNE_API_KEYS": API_KEY},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        endpoint = ServedEndpoint(f"http://127.0.0.1:{port}/v1", API_KEY, "", "tiny-full", "", config)
         try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+            _wait_until_serving(endpoint, proc, folder / "serve.log")
+            yield endpoint
+        finally:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _wait_until_serving(endpoint, proc, log_path, timeout: float = 600) -> None:
