@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 OUTPUT_TOKENS = 64
 CONCURRENCY = (1, 8, 32)
 KEY = "bench-key"
+LOGS = Path(tempfile.gettempdir()) / "attune-bench-serve"  # each server's output
 # attune's configurations: the default app with stream batching off (attune's default) and at
 # 20 ms, and direct streaming (one model, vLLM's server as the ingress behind HAProxy), which
 # skips attune's ingress replica and Serve's Python proxy.
@@ -77,27 +78,30 @@ def run_levels(base_url, model, requests, questions) -> dict:
     return {str(c): asyncio.run(load(base_url, model, c, requests, questions)) for c in CONCURRENCY}
 
 
-def wait_for(url: str, timeout: float = 600) -> None:
+def wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited ({server.returncode}); its log: {log}")
         try:
             request = urllib.request.Request(url, headers={"Authorization": f"Bearer {KEY}"})
             urllib.request.urlopen(request, timeout=5)
             return
         except OSError:
             time.sleep(2)
-    raise TimeoutError(url)
+    raise TimeoutError(f"{url} (server log: {log})")
 
 
 def bench_vllm(entry: str, requests: int, questions) -> dict:
     port = 8031
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    log = LOGS / "vllm.log"
     server = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", entry,
          "--served-model-name", "tiny-full", "--port", str(port), "--max-model-len", "512",
-         "--api-key", KEY], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "--api-key", KEY], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
-        wait_for(f"http://127.0.0.1:{port}/v1/models")
+        wait_for(f"http://127.0.0.1:{port}/v1/models", server, log)
         return run_levels(f"http://127.0.0.1:{port}/v1", "tiny-full", requests, questions)
     finally:
         server.terminate()
@@ -107,7 +111,7 @@ def bench_vllm(entry: str, requests: int, questions) -> dict:
 def bench_attune(entry: str, requests: int, questions, batching_ms: float = 0,
                  direct: bool = False) -> dict:
     # One engine, as on the vLLM side: the fine-tuned entry served as a model of its own. Like
-    # vLLM's, the server runs apart from this client (`attune serve`, output discarded), so
+    # vLLM's, the server runs apart from this client (`attune serve`, output to a file), so
     # neither side's logging lands in the process that measures.
     port = 8032
     config = {"base_models": [{"id": "tiny-full", "name_or_path": entry}],
@@ -116,11 +120,12 @@ def bench_attune(entry: str, requests: int, questions, batching_ms: float = 0,
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         yaml.safe_dump(config, f)
         f.flush()
+        log = LOGS / f"attune-{'direct' if direct else f'batching-{batching_ms:g}ms'}.log"
         server = subprocess.Popen(
             [sys.executable, "-m", "attune", "serve", f.name, "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=log.open("w"), stderr=subprocess.STDOUT)
         try:
-            wait_for(f"http://127.0.0.1:{port}/v1/models")
+            wait_for(f"http://127.0.0.1:{port}/v1/models", server, log)
             return run_levels(f"http://127.0.0.1:{port}/v1", "tiny-full", requests, questions)
         finally:
             server.send_signal(signal.SIGINT)  # `attune serve` stops Serve and its Ray on Ctrl-C
@@ -138,6 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("ATTUNE_HOME", "/tmp/attune-bench")
     os.environ["ATTUNE_API_KEYS"] = KEY
+    LOGS.mkdir(exist_ok=True)
 
     import ray
 

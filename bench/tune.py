@@ -6,7 +6,7 @@
    attune's own loop (attune.loop, in the trial's process: no Train worker group, so its 64 trials
    fit in about 25 minutes on 2 cores) and reports eval loss every 10 steps. The space: lr
    log-uniform over 1e-5..1e-1 (the good region, measured, is 1e-3 to 3e-3) and warmup 0..20
-   steps. ASHA (grace period 30 steps, reduction factor 3: rungs at 30, 90 and 270) and random
+   steps. ASHA (grace period 30 steps, reduction factor 4: rungs at 30 and 120) and random
    search (FIFO: every trial runs to the end) get the same sampled trials, seed by seed; we count
    trial-steps (the steps every trial ran, summed) and the best eval loss reached. Goal: ASHA
    reaches random search's best (within the noise across seeds) for at most a third of its
@@ -34,7 +34,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-RECIPE, MAX_STEPS, EVAL_EVERY, GRACE = "recipes/tiny-full.yaml", 300, 10, 30
+RECIPE, MAX_STEPS, EVAL_EVERY = "recipes/tiny-full.yaml", 300, 10
+GRACE, REDUCTION = 30, 4  # rungs at 30 and 120 steps: a quarter of the trials go on at each
 SPACE = {"lr": tune.loguniform(1e-5, 1e-1), "warmup": tune.randint(0, 20)}
 RESULTS = Path(__file__).parent / "results" / "tune.json"
 
@@ -98,7 +99,7 @@ def compare(seeds: int, samples: int, write) -> dict:
     runs = []
     for seed in range(seeds):
         asha = search(trainable, ASHAScheduler(time_attr="step", max_t=MAX_STEPS, grace_period=GRACE,
-                                               reduction_factor=3), seed, samples)
+                                               reduction_factor=REDUCTION), seed, samples)
         random = search(trainable, FIFOScheduler(), seed, samples)
         runs.append({"seed": seed, "asha": asha, "random": random})
         print(f"seed {seed}: ASHA best {asha['best']:.4f} in {asha['trial_steps']} trial-steps, "
@@ -113,7 +114,8 @@ def summary(runs: list[dict], samples: int) -> dict:
     noise = statistics.pstdev(random_best)  # how much random search's best moves between seeds
     step_ratio = sum(r["asha"]["trial_steps"] for r in runs) / sum(r["random"]["trial_steps"] for r in runs)
     gap = statistics.mean(asha_best) - statistics.mean(random_best)
-    return {"samples": samples, "seeds": len(runs), "max_steps": MAX_STEPS, "runs": runs,
+    return {"samples": samples, "seeds": len(runs), "max_steps": MAX_STEPS,
+            "grace_period": GRACE, "reduction_factor": REDUCTION, "runs": runs,
             "asha_best_mean": statistics.mean(asha_best), "random_best_mean": statistics.mean(random_best),
             "noise": noise, "trial_step_ratio": step_ratio,
             "goal_met": step_ratio <= 1 / 3 and gap <= noise}
@@ -148,13 +150,18 @@ def main() -> None:
     parser.add_argument("--overhead-trials", type=int, default=16)
     parser.add_argument("--overhead-only", action="store_true",
                         help="measure the overhead again, keeping the search figures in the file")
+    parser.add_argument("--search-only", action="store_true",
+                        help="run the search comparison again, keeping the overhead figures in the file")
     args = parser.parse_args()
 
     from attune.trainer import ensure_ray
 
     ensure_ray(num_cpus=6)
-    figures = {"overhead": overhead(args.overhead_trials, reuse_actors=False),
-               "overhead_reusing_actors": overhead(args.overhead_trials, reuse_actors=True)}
+    if args.search_only:
+        figures = {k: v for k, v in json.loads(RESULTS.read_text()).items() if k != "search"}
+    else:
+        figures = {"overhead": overhead(args.overhead_trials, reuse_actors=False),
+                   "overhead_reusing_actors": overhead(args.overhead_trials, reuse_actors=True)}
 
     def write(search_figures: dict) -> None:
         figures["search"] = search_figures

@@ -1,4 +1,4 @@
-"""attune serve RECIPE_OR_SERVE_CONFIG [k=v ...]: serve on an embedded Ray until Ctrl-C."""
+"""attune serve RECIPE_OR_SERVE_CONFIG [k=v ...]: serve on an embedded Ray (or RAY_ADDRESS) until Ctrl-C."""
 
 HELP = "serve base and fine-tuned models behind an OpenAI-compatible endpoint"
 
@@ -25,4 +25,10 @@ def run(args) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        # As `serve run` does: the app goes with the command, on a joined cluster too (there,
+        # Serve's shutdown also stops its HAProxy, which outlives a killed cluster otherwise).
+        from ray import serve
+
+        print("[attune] shutting down", flush=True)
+        serve.shutdown()
         return 0
