@@ -115,11 +115,15 @@ def ray_start_head(**env_vars: str):
     environment from the start.
 
     Started with --block in its own process group so that the teardown stops this cluster
-    alone (`ray stop` would also kill the session's in-process Ray).
+    alone (`ray stop` would also kill the session's in-process Ray), and with a temp dir of its
+    own: Ray's job supervisor finds its cluster through `ray_current_cluster` in the temp dir,
+    which the last `ray start` on the machine writes, so two heads sharing /tmp/ray would send
+    one's jobs to the other.
     """
     import signal
     import subprocess
     import sys
+    import tempfile
     import time
     import urllib.error
     import urllib.request
@@ -135,6 +139,7 @@ def ray_start_head(**env_vars: str):
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=16",
+         f"--temp-dir={tempfile.mkdtemp(prefix='ray-head-')}",
          f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
          *ports],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -154,11 +159,20 @@ def ray_start_head(**env_vars: str):
     try:
         yield RayHead(f"127.0.0.1:{gcs}", address)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, signal.SIGTERM, timeout=30)
+
+
+def stop_group(proc, sig: int, timeout: float) -> None:
+    """Signal the process group of `proc` (started with start_new_session); SIGKILL what is
+    still there after `timeout` seconds."""
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

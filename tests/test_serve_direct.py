@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
-from conftest import API_KEY, ServedEndpoint, _free_port, ray_start_head
+from conftest import API_KEY, ServedEndpoint, _free_port, ray_start_head, stop_group
 from test_serve import BAD_REQUESTS, QUESTIONS, ask, assert_refused_then_answers, client, post
 
 from attune.answers import exact_match
@@ -47,11 +47,7 @@ def direct_endpoint(tiny_full_entry, tmp_path_factory):
             _wait_until_serving(endpoint, proc, folder / "serve.log")
             yield endpoint
         finally:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_group(proc, signal.SIGINT, timeout=120)  # Ctrl-C: `attune serve` stops Serve
 
 
 def _wait_until_serving(endpoint, proc, log_path, timeout: float = 600) -> None:
