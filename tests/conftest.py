@@ -120,6 +120,7 @@ def ray_start_head(**env_vars: str):
     which the last `ray start` on the machine writes, so two heads sharing /tmp/ray would send
     one's jobs to the other.
     """
+    import shutil
     import signal
     import subprocess
     import sys
@@ -128,6 +129,7 @@ def ray_start_head(**env_vars: str):
     import urllib.error
     import urllib.request
 
+    temp_dir = tempfile.mkdtemp(prefix="ray-head-")
     gcs, dashboard = _free_port(), _free_port()
     # Every port of its own: the session's in-process Ray already holds the default agent ports.
     ports = [f"--{flag}={_free_port()}" for flag in (
@@ -139,7 +141,7 @@ def ray_start_head(**env_vars: str):
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=16",
-         f"--temp-dir={tempfile.mkdtemp(prefix='ray-head-')}",
+         f"--temp-dir={temp_dir}",
          f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
          *ports],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -160,6 +162,7 @@ def ray_start_head(**env_vars: str):
         yield RayHead(f"127.0.0.1:{gcs}", address)
     finally:
         stop_group(proc, signal.SIGTERM, timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def stop_group(proc, sig: int, timeout: float) -> None:
