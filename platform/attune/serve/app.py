@@ -16,7 +16,7 @@ from ray.serve.llm import LLMConfig, build_llm_deployment
 from attune import modeling
 from attune.config import validate
 from attune.serve.auth import ApiKeyMiddleware
-from attune.serve.config import BaseModelSpec, ServeConfig
+from attune.serve.config import HA_PROXY_ENV, BaseModelSpec, ServeConfig
 from attune.serve.ingress import Ingress, RetryAfterMiddleware, add_openai_error_handler
 from attune.serve.entries import check_servable, promote_adapter, read_entry
 from attune.serve.server import LLMServer
@@ -71,7 +71,7 @@ def _llm_config(model_id: str, source: str, config: ServeConfig, lora: bool) -> 
     a = config.autoscaling
     kwargs = {"runtime_env": {"env_vars": dict(REPLICA_ENV)}}
     if config.direct_streaming:  # the replica serves HTTP itself, behind HAProxy
-        kwargs["runtime_env"]["env_vars"]["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        kwargs["runtime_env"]["env_vars"][HA_PROXY_ENV] = "1"
     if config.accelerator == "cpu":
         # Without this every replica asks Ray for a GPU and waits forever.
         kwargs["accelerator_config"] = {"kind": "cpu"}

@@ -12,6 +12,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+# Serve's switch for its HAProxy ingress, which direct streaming needs; read once, at start.
+HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

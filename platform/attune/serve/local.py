@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from attune.config import RecipeError, load_recipe, validate
-from attune.serve.config import BaseModelSpec, ServeConfig
+from attune.serve.config import HA_PROXY_ENV, BaseModelSpec, ServeConfig
 
 
 @dataclass
@@ -57,13 +57,13 @@ def _enable_ha_proxy() -> None:
     import os
     import sys
 
-    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    os.environ[HA_PROXY_ENV] = "1"
     if "ray.serve._private.constants" in sys.modules:
         from ray.serve._private import constants
 
         if not constants.RAY_SERVE_ENABLE_HA_PROXY:
-            raise RecipeError("direct_streaming: Ray Serve was loaded in this process before "
-                              "RAY_SERVE_ENABLE_HA_PROXY=1 was set; set it before starting Python")
+            raise RecipeError(f"direct_streaming: Ray Serve was loaded in this process before "
+                              f"{HA_PROXY_ENV}=1 was set; set it before starting Python")
 
 
 def _base_id(name_or_path: str) -> str:
