@@ -138,7 +138,10 @@ def ray_start_head(**env_vars: str):
     ray_bin = Path(sys.executable).with_name("ray")
     # the venv's bin on PATH, so that job entrypoints find `python -m attune` and `attune`
     env = {**os.environ, **env_vars,
-           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+           # its workers' State API (Train's PlacementGroupCleaner) would else read the default
+           # temp dir's ray_current_cluster: another cluster's, or none (attune.trainer.ensure_ray)
+           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
     proc = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=16",
          f"--temp-dir={temp_dir}",
@@ -161,7 +164,9 @@ def ray_start_head(**env_vars: str):
     try:
         yield RayHead(f"127.0.0.1:{gcs}", address)
     finally:
-        stop_group(proc, signal.SIGTERM, timeout=30)
+        # Ctrl-C, which `ray start --block` waits for: it stops the cluster in about 2 s, while
+        # a SIGTERM went unanswered for the whole 30 s timeout (measured).
+        stop_group(proc, signal.SIGINT, timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -176,6 +181,7 @@ def stop_group(proc, sig: int, timeout: float) -> None:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.fixture(scope="session")

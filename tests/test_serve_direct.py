@@ -36,7 +36,10 @@ def direct_endpoint(tiny_full_entry, tmp_path_factory):
     folder = tmp_path_factory.mktemp("direct")
     (folder / "serve.yaml").write_text(yaml.safe_dump(config))
     port = _free_port()
-    with ray_start_head(RAY_SERVE_ENABLE_HA_PROXY="1") as head, \
+    # A direct-ingress replica drains for 30 s before it stops, for load balancers to notice;
+    # here nothing balances but the cluster's own HAProxy, and the teardown waited for it.
+    with ray_start_head(RAY_SERVE_ENABLE_HA_PROXY="1",
+                        RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="2") as head, \
             open(folder / "serve.log", "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "attune", "serve", str(folder / "serve.yaml"), "--port", str(port)],

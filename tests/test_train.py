@@ -116,3 +116,23 @@ def test_ray_job_submit_of_attune_train(ray_head, attune_home):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout
     assert (attune_home / "registry" / "job-submit" / "attune.json").is_file()
+
+
+def test_a_workers_state_api_finds_its_own_cluster(ray_cluster, ray_head):
+    """Train's PlacementGroupCleaner asks the State API, from inside the cluster, whether the run's
+    controller is alive. With a second cluster on the machine (the `ray start` head here) a worker
+    of the in-process cluster found none or the wrong one, so the cleaner either died, held each
+    run's end 12 s, or removed a live run's placement group (see attune.trainer.ensure_ray)."""
+    import ray
+    from ray.util.state import get_actor
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def state_of(self, actor_id: str) -> str:
+            return get_actor(actor_id, timeout=20).state
+
+    probe = Probe.remote()
+    try:
+        assert ray.get(probe.state_of.remote(probe._actor_id.hex()), timeout=120) == "ALIVE"
+    finally:
+        ray.kill(probe)

@@ -104,7 +104,11 @@ def page_url(chat_endpoint):
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
+
+    # Playwright's expect() gives up after 5 s by default; the base model's 128-token answer
+    # alone took longer than that on a loaded 2-core CI machine.
+    expect.set_options(timeout=60_000)
 
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",

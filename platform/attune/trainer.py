@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import socket
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,9 @@ from ray.train.torch import TorchTrainer
 
 from attune import data, modeling, registry
 from attune.config import Recipe
+
+# Where the State API looks first for a cluster's dashboard (ray.dashboard.utils).
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
 @dataclass
@@ -48,8 +53,40 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # Logical CPUs beyond the cores: Train's workers, Data's tasks and Serve's actors each
         # claim one while mostly waiting on each other.
         # address="local": a new cluster, never one that `ray start` left running on this machine.
-        ray.init(address="local", num_cpus=num_cpus or max(6, 2 * (os.cpu_count() or 1)),
-                 log_to_driver=True)
+        dashboard_port = _free_port()
+        with _api_server_address_for_workers(f"http://127.0.0.1:{dashboard_port}"):
+            ray.init(address="local", num_cpus=num_cpus or max(6, 2 * (os.cpu_count() or 1)),
+                     dashboard_port=dashboard_port, log_to_driver=True)
+
+
+@contextmanager
+def _api_server_address_for_workers(url: str):
+    """Point the State API of this cluster's workers at its own dashboard.
+
+    Inside a worker, the State API finds its cluster through RAY_ADDRESS or else through the
+    last `ray start`'s /tmp/ray/ray_current_cluster, which an in-process cluster never writes.
+    Train's PlacementGroupCleaner asks it whether the run's controller is alive: on a machine
+    where a `ray start` cluster once ran, each question hung 40 s on the dead address and every
+    Train run's end waited 12 s for the cleaner (measured); pointed at another live cluster, it
+    would find no controller and remove a running trial's placement group. The raylet hands its
+    environment to every worker it starts, so the variable is set for `ray.init` only: this
+    driver's own subprocesses (`ray job submit` to another cluster) must not inherit it.
+    """
+    before = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = url
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[API_SERVER_ENV]
+        else:
+            os.environ[API_SERVER_ENV] = before
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def prepare_data(recipe: Recipe, tokenizer_path: str) -> PreparedData:
@@ -60,19 +97,24 @@ def prepare_data(recipe: Recipe, tokenizer_path: str) -> PreparedData:
         train_records, eval_records = records, data.read_records(d.eval_files, d.format)
     else:
         train_records, eval_records = data.split_eval(records, d.eval_fraction, recipe.optim.seed)
-    tokenize = dict(fn_constructor_kwargs=dict(tokenizer_path=tokenizer_path, chat_template=d.chat_template,
-                                               max_seq_len=d.max_seq_len, packing=d.packing),
-                    batch_size=4096, concurrency=1)
-    train_ds = ray.data.from_items(data.as_items(train_records)).map_batches(data.Tokenize, **tokenize)
-    eval_ds = ray.data.from_items(data.as_items(eval_records)).map_batches(data.Tokenize, **tokenize)
+    tokenize = dict(fn_kwargs=dict(tokenizer_path=tokenizer_path, chat_template=d.chat_template,
+                                   max_seq_len=d.max_seq_len, packing=d.packing),
+                    batch_size=4096)
+    train_ds = ray.data.from_items(data.as_items(train_records)).map_batches(data.tokenize_batch, **tokenize)
+    eval_ds = ray.data.from_items(data.as_items(eval_records)).map_batches(data.tokenize_batch, **tokenize)
     train_ds, eval_ds = train_ds.materialize(), eval_ds.materialize()
     rows = train_ds.count()
-    tokens = train_ds.sum("num_tokens")
+    # A task per block rather than Dataset.sum, whose shuffle actors took 3 s to start here.
+    tokens = sum(row["num_tokens"] for row in train_ds.map_batches(_block_tokens, batch_size=None).take_all())
     stats = {"train_examples": len(train_records), "eval_examples": len(eval_records),
              "train_rows": rows, "train_tokens": int(tokens),
              "fill": tokens / (rows * d.max_seq_len)}
     files = d.train_files + d.eval_files
     return PreparedData(train_ds, eval_ds, rows, data.files_hash(files), stats)
+
+
+def _block_tokens(batch: dict) -> dict:
+    return {"num_tokens": [int(batch["num_tokens"].sum())]}
 
 
 def steps_per_epoch(recipe: Recipe, rows: int) -> int:
