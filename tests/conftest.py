@@ -215,6 +215,9 @@ def served_endpoint(ray_cluster, object_store, tiny_full_entry, tiny_lora_entry)
         entries=[tiny_full_entry, tiny_lora_entry],
         lora_store=f"{object_store}/adapters",
         engine={"max_model_len": 512},
+        # room for the 64 concurrent streams of test_serve, and a burst of twice this meets the
+        # limit (no second app, with an engine of its own, just for the overload test)
+        max_ongoing_requests=16, max_queued_requests=64,
     )
     endpoint = run(config, port=_free_port())
     yield ServedEndpoint(endpoint.base_url, API_KEY, "tiny-llama", "tiny-full",

@@ -36,3 +36,30 @@ def test_building_a_direct_app_without_the_ha_proxy_says_what_to_set():
 
     with pytest.raises(RuntimeError, match="RAY_SERVE_ENABLE_HA_PROXY=1"):
         build_app({"base_models": [TINY], "direct_streaming": True})
+
+
+def test_a_plain_text_overload_answer_becomes_an_openai_error_with_retry_after():
+    """Serve answers a full queue with a plain-text 503 (its own exception handler, installed
+    over any of the app's); the middleware re-shapes it and leaves other answers alone."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from attune.serve.ingress import RetryAfterMiddleware
+
+    app = Starlette(routes=[
+        Route("/full", lambda r: PlainTextResponse("Request dropped due to backpressure", 503)),
+        Route("/shaped", lambda r: JSONResponse({"error": {"message": "busy"}}, 429)),
+        Route("/ok", lambda r: PlainTextResponse("fine")),
+    ])
+    client = TestClient(RetryAfterMiddleware(app))
+
+    full = client.get("/full")
+    assert full.status_code == 503 and full.headers["retry-after"] == "1"
+    assert full.json() == {"error": {"message": "Request dropped due to backpressure",
+                                     "type": "server_error", "param": None, "code": 503}}
+    shaped = client.get("/shaped")
+    assert shaped.json() == {"error": {"message": "busy"}} and shaped.headers["retry-after"] == "1"
+    ok = client.get("/ok")
+    assert ok.text == "fine" and "retry-after" not in ok.headers

@@ -3,10 +3,12 @@
 Two gaps closed on top of `OpenAiIngress`: a chat message with a role no chat template knows
 ("wizard") is refused with a 400 instead of being rendered into the prompt, and errors Ray raises
 as plain HTTP exceptions (an unknown model) come back in OpenAI's error shape, not FastAPI's
-`{"detail": ...}`.
+`{"detail": ...}`, and so do Serve's plain-text overload refusals.
 """
 
 from __future__ import annotations
+
+import json
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -36,17 +38,23 @@ class Ingress(OpenAiIngress):
         return await super().chat(body, request)
 
 
+def openai_error(message: str, status: int) -> dict:
+    """OpenAI's error body: what its clients parse and show."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
 def add_openai_error_handler(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def openai_shaped(request: Request, exc: HTTPException) -> JSONResponse:
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        body = {"error": {"message": str(exc.detail), "type": kind, "param": None,
-                          "code": exc.status_code}}
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(openai_error(str(exc.detail), exc.status_code),
+                            status_code=exc.status_code, headers=exc.headers)
 
 
 class RetryAfterMiddleware:
-    """Overload answers (429, 503: a replica's queue is full) tell the client when to retry."""
+    """Overload answers (429, 503: a replica's queue is full) tell the client when to retry, in
+    OpenAI's error shape: Serve answers its own BackPressureError with a plain-text 503 through
+    an exception handler it installs on the app when the replica starts, over any of ours."""
 
     def __init__(self, app, seconds: int = 1):
         self.app, self.value = app, str(seconds).encode()
@@ -54,11 +62,27 @@ class RetryAfterMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        held: dict = {}  # a plain-text overload answer's start, until its body is complete
+        body = bytearray()
 
-        async def send_with_retry_after(message):
+        async def send_overload_answers_right(message):
             if message["type"] == "http.response.start" and message["status"] in (429, 503):
                 headers = [h for h in message.get("headers", []) if h[0].lower() != b"retry-after"]
                 message = {**message, "headers": [*headers, (b"retry-after", self.value)]}
+                if not any(k.lower() == b"content-type" and b"json" in v for k, v in headers):
+                    held.update(message)
+                    return
+            elif message["type"] == "http.response.body" and held:
+                body.extend(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                text = body.decode(errors="replace").strip() or "overloaded, retry later"
+                payload = json.dumps(openai_error(text, held["status"])).encode()
+                headers = [h for h in held["headers"]
+                           if h[0].lower() not in (b"content-type", b"content-length")]
+                await send({**held, "headers": [*headers, (b"content-type", b"application/json"),
+                                                (b"content-length", str(len(payload)).encode())]})
+                message = {"type": "http.response.body", "body": payload}
             await send(message)
 
-        await self.app(scope, receive, send_with_retry_after)
+        await self.app(scope, receive, send_overload_answers_right)
