@@ -9,8 +9,8 @@ reads those restarts and keeps each token's attention inside its own sample.
 
 from __future__ import annotations
 
-import hashlib
 import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path

@@ -6,8 +6,9 @@ In the default app (attune.serve.app) every streamed token travels engine -> LLM
 -> attune's ingress replica -> Serve's proxy -> client, each hop a Python process on the same
 cores as the engine. Ray Serve 2.60 can instead put HAProxy in front and send each request
 straight to an LLMServer replica serving vLLM's FastAPI app (Ray's direct streaming): two Python
-hops fewer. attune puts the same API-key check, role check and Retry-After in front of that app. Ray's limits hold: one model, no LoRA, and the cluster started
-with RAY_SERVE_ENABLE_HA_PROXY=1 (its controller and proxies read it once, at start).
+hops fewer. attune puts the same API-key check, role check and Retry-After in front of that app.
+Ray's limits hold: one model, no LoRA, and the cluster started with RAY_SERVE_ENABLE_HA_PROXY=1
+(its controller and proxies read it once, at start).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from attune.serve.auth import ApiKeyMiddleware, openai_error
 from attune.serve.config import HA_PROXY_ENV, ServeConfig
 from attune.serve.ingress import RetryAfterMiddleware, unknown_role
 from attune.serve.server import LLMServer
+
 
 def direct_app(config: ServeConfig) -> Application:
     from ray.serve._private.constants import RAY_SERVE_ENABLE_HA_PROXY

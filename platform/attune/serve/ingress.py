@@ -8,16 +8,16 @@ as plain HTTP exceptions (an unknown model) come back in OpenAI's error shape, n
 
 from __future__ import annotations
 
-import json
-
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest,
     OpenAIHTTPException,
 )
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
 from starlette.exceptions import HTTPException
+
+from attune.serve.auth import openai_error
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
@@ -38,17 +38,16 @@ class Ingress(OpenAiIngress):
         return await super().chat(body, request)
 
 
-def openai_error(message: str, status: int) -> dict:
-    """OpenAI's error body: what its clients parse and show."""
+def _error_body(status: int, message: str) -> bytes:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return openai_error(status, message, kind, code=status)
 
 
 def add_openai_error_handler(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
-    async def openai_shaped(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse(openai_error(str(exc.detail), exc.status_code),
-                            status_code=exc.status_code, headers=exc.headers)
+    async def openai_shaped(request: Request, exc: HTTPException) -> Response:
+        return Response(_error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+                        headers=exc.headers, media_type="application/json")
 
 
 class RetryAfterMiddleware:
@@ -77,7 +76,7 @@ class RetryAfterMiddleware:
                 if message.get("more_body"):
                     return
                 text = body.decode(errors="replace").strip() or "overloaded, retry later"
-                payload = json.dumps(openai_error(text, held["status"])).encode()
+                payload = _error_body(held["status"], text)
                 headers = [h for h in held["headers"]
                            if h[0].lower() not in (b"content-type", b"content-length")]
                 await send({**held, "headers": [*headers, (b"content-type", b"application/json"),
