@@ -214,7 +214,9 @@ def served_endpoint(ray_cluster, object_store, tiny_full_entry, tiny_lora_entry)
         base_models=[{"id": "tiny-llama", "name_or_path": "attune:tiny-llama"}],
         entries=[tiny_full_entry, tiny_lora_entry],
         lora_store=f"{object_store}/adapters",
-        engine={"max_model_len": 512},
+        # engine settings left at their defaults, as in the RayService and direct-streaming
+        # tests: an engine of the same model and settings loads vLLM's compiled model from its
+        # cache instead of compiling it again
         # room for the 64 concurrent streams of test_serve, and a burst of twice this meets the
         # limit (no second app, with an engine of its own, just for the overload test)
         max_ongoing_requests=16, max_queued_requests=64,

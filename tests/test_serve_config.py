@@ -63,3 +63,18 @@ def test_a_plain_text_overload_answer_becomes_an_openai_error_with_retry_after()
     assert shaped.json() == {"error": {"message": "busy"}} and shaped.headers["retry-after"] == "1"
     ok = client.get("/ok")
     assert ok.text == "fine" and "retry-after" not in ok.headers
+
+
+@pytest.mark.parametrize("source, downloads", [("local", False), ("s3://models/tiny-full", True)])
+def test_replicas_skip_rays_download_step_only_for_models_on_disk(tmp_path, source, downloads):
+    """Ray's node-init task fetches cloud mirrors; for a directory it is a no-op costing a process."""
+    import asyncio
+
+    from attune.serve.app import _llm_config
+
+    source = str(tmp_path) if source == "local" else source
+    llm_config = _llm_config("tiny-full", source, validate(ServeConfig, {"base_models": [TINY]}, "args"),
+                             lora=False)
+    callback = llm_config.callback_config.callback_class(llm_config=llm_config)
+    asyncio.run(callback.on_before_node_init())
+    assert callback.ctx.run_init_node is downloads

