@@ -9,9 +9,13 @@ The job's runtime env stands in for the pod: ATTUNE_STORE as the model-store Con
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
+import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -30,34 +34,34 @@ def cpu_jobs() -> dict[str, dict]:
 
 
 def run_job(address: str, entrypoint: str, store: Path, timeout_s: float = 900) -> str:
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
+    """`ray job submit ... -- ENTRYPOINT`: what KubeRay's submitter pod runs (K8sJobMode), and
+    what users run against a cluster (README). Returns the job's logs."""
     env = runtime_env()
     env["env_vars"].update(ATTUNE_STORE=str(store),
                            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    # The head's token, sent explicitly: this process may have read RAY_AUTH_MODE before the
-    # head existed (importing Ray's Serve schema does), and Ray caches that.
-    token_path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    client = JobSubmissionClient(address, headers={
-        "Authorization": f"Bearer {token_path.read_text().strip()}"})
+    submission_id = f"test-{uuid.uuid4().hex[:8]}"
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    # A shell line, as the submitter pod's: its shell expands the entrypoint's ${ATTUNE_STORE}
+    # (the pod has the ConfigMap's value) before `ray job submit` quotes the words for the job.
+    submit = (f"{ray_bin} job submit --address {address} --submission-id {submission_id} "
+              f"--runtime-env-json {shlex.quote(json.dumps(env))} -- {entrypoint}")
+    cli_env = {**os.environ, "RAY_AUTH_MODE": "token", "ATTUNE_STORE": str(store)}
     deadline = time.time() + timeout_s
     while True:  # a head that just started may not have its job agent yet (KubeRay waits too)
         try:
-            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env)
+            result = subprocess.run(["bash", "-c", submit], env=cli_env, cwd=REPO,
+                                    capture_output=True, text=True,
+                                    timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            subprocess.run([ray_bin, "job", "stop", "--address", address, submission_id],
+                           env=cli_env, capture_output=True, timeout=60)
+            pytest.fail(f"{entrypoint}: still running after {timeout_s} s")
+        if "No available agent" not in result.stdout + result.stderr or time.time() > deadline:
             break
-        except RuntimeError as e:
-            if "No available agent" not in str(e) or time.time() > deadline:
-                raise
-            time.sleep(3)
-    while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                             JobStatus.STOPPED):
-        if time.time() > deadline:
-            client.stop_job(job_id)
-            pytest.fail(f"{entrypoint}: still {status} after {timeout_s} s\n"
-                        f"{client.get_job_logs(job_id)[-3000:]}")
-        time.sleep(2)
-    logs = client.get_job_logs(job_id)
-    assert status == JobStatus.SUCCEEDED, f"{entrypoint}: {status}\n{logs[-3000:]}"
+        time.sleep(3)
+    logs = result.stdout
+    assert result.returncode == 0, f"{entrypoint}:\n{logs[-3000:]}\n{result.stderr[-2000:]}"
+    assert f"Job '{submission_id}' succeeded" in logs
     return logs
 
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -99,23 +96,6 @@ def test_interrupted_run_started_again_resumes(ray_cluster, tmp_path, monkeypatc
     manifest = run("recipes/tiny-full.yaml", "resume", "checkpoint.max_failures=0")
     # The second run started at the step-10 checkpoint: no step is reported twice.
     assert [h["step"] for h in manifest["history"]] == [10, 20, 30]
-
-
-def test_ray_job_submit_of_attune_train(ray_head, attune_home):
-    """What users run against a cluster: `ray job submit --working-dir . -- attune train ...`."""
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    runtime_env = json.dumps({"py_modules": ["platform/attune"],
-                              "env_vars": {"ATTUNE_HOME": str(attune_home)}})
-    result = subprocess.run(
-        [str(bin_dir / "ray"), "job", "submit", "--address", ray_head, "--working-dir", ".",
-         "--runtime-env-json", runtime_env, "--",
-         "python", "-m", "attune", "train", "recipes/tiny-full.yaml", "name=job-submit",
-         "scaling.num_workers=1", *SHORT],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "succeeded" in result.stdout
-    assert (attune_home / "registry" / "job-submit" / "attune.json").is_file()
 
 
 def test_a_workers_state_api_finds_its_own_cluster(ray_cluster, ray_head):
