@@ -57,3 +57,15 @@ def test_a_run_resumed_at_its_end_reports_its_last_result_again(rows, tiny_base,
     metrics, copy = again[0]
     assert metrics == last and metrics["step"] == 4
     assert copy != checkpoint and (Path(copy) / "model").is_dir()
+
+
+def test_eval_batches_are_kept_only_after_a_whole_pass():
+    """A worker keeps its eval batches after reading them once (attune.trainer); a pass cut
+    short must not leave a partial set to evaluate on from then on."""
+    from attune.trainer import _recording
+
+    cache: list = []
+    partial = _recording(iter(range(3)), cache)
+    next(partial)
+    assert cache == []
+    assert list(_recording(iter(range(3)), cache)) == [0, 1, 2] and cache == [0, 1, 2]

@@ -36,6 +36,7 @@ class PreparedData:
     train: "ray.data.Dataset"
     eval: "ray.data.Dataset"
     rows: int
+    eval_rows: int
     files_hash: str
     stats: dict
 
@@ -110,7 +111,7 @@ def prepare_data(recipe: Recipe, tokenizer_path: str) -> PreparedData:
              "train_rows": rows, "train_tokens": int(tokens),
              "fill": tokens / (rows * d.max_seq_len)}
     files = d.train_files + d.eval_files
-    return PreparedData(train_ds, eval_ds, rows, data.files_hash(files), stats)
+    return PreparedData(train_ds, eval_ds, rows, eval_ds.count(), data.files_hash(files), stats)
 
 
 def _block_tokens(batch: dict) -> dict:
@@ -156,10 +157,18 @@ def _train_worker(config: dict) -> None:
                                            local_shuffle_seed=recipe.optim.seed + epoch)
         return _keeping(batches, cache if config["cache_shard"] else None)
 
+    eval_cache: list[dict] = []
+
+    def eval_batches():
+        if eval_cache:  # the same rows at every evaluation: read once, then kept
+            return iter(eval_cache)
+        batches = eval_shard.iter_torch_batches(batch_size=micro)
+        return _recording(batches, eval_cache) if config["cache_eval"] else batches
+
     loop = Loop(
         train_batches=train_batches,
         # every worker evaluates the same rows, so FSDP's collectives stay in step
-        eval_batches=lambda: eval_shard.iter_torch_batches(batch_size=micro),
+        eval_batches=eval_batches,
         steps_per_epoch=config["steps_per_epoch"],
         report=report,
         resume_from=resume_from,
@@ -178,6 +187,15 @@ def _keeping(batches, cache: list | None):
         if cache is not None:
             cache += [{k: v[i] for k, v in batch.items()} for i in range(len(batch["input_ids"]))]
         yield {k: torch.as_tensor(v) for k, v in batch.items()}
+
+
+def _recording(batches, cache: list):
+    """Yield the batches; once all were read, `cache` holds them."""
+    seen = []
+    for batch in batches:
+        seen.append(batch)
+        yield batch
+    cache[:] = seen
 
 
 def make_trainer(recipe: Recipe, base_path: str, prepared: PreparedData, *,
@@ -201,7 +219,11 @@ def make_trainer(recipe: Recipe, base_path: str, prepared: PreparedData, *,
                            # Datasets this small are read once, then reshuffled in memory: on a
                            # tiny dataset every few steps is an epoch, and each one costs Ray Data
                            # a round of split coordination.
-                           "cache_shard": _shard_bytes(recipe, prepared.rows) < SHARD_CACHE_BYTES,
+                           "cache_shard": _rows_bytes(recipe, prepared.rows // sc.num_workers)
+                                          < SHARD_CACHE_BYTES,
+                           # Likewise the eval rows: each pass through Ray Data took 1.3 s of
+                           # a 0.3 s evaluation (tiny model, 1 worker), at every eval step.
+                           "cache_eval": _rows_bytes(recipe, prepared.eval_rows) < SHARD_CACHE_BYTES,
                            # fault injection (attune.loop) reaches workers of a running cluster
                            "env": {k: v for k, v in os.environ.items() if k.startswith("ATTUNE_FAULT_")},
                            "start_from": start_from, "stop_at": stop_at},
@@ -244,8 +266,8 @@ def write_result(recipe: Recipe, result, base_path: str, prepared: PreparedData,
 SHARD_CACHE_BYTES = 256 * 2**20
 
 
-def _shard_bytes(recipe: Recipe, rows: int) -> int:
-    return rows // recipe.scaling.num_workers * recipe.data.max_seq_len * 3 * 8  # 3 int64 columns
+def _rows_bytes(recipe: Recipe, rows: int) -> int:
+    return rows * recipe.data.max_seq_len * 3 * 8  # 3 int64 columns
 
 
 def _resources(recipe: Recipe) -> dict:
