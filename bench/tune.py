@@ -1,12 +1,12 @@
 """Ray Tune benchmark: ASHA vs random search on real tiny-model trials, and Tune's own overhead.
 
-    .venv/bin/python bench/tune.py [--seeds 2] [--samples 16] [--overhead-trials 16] [--overhead-only]
+    .venv/bin/python bench/tune.py [--seeds 2] [--samples 32] [--overhead-trials 16] [--overhead-only]
 
 1. Search efficiency. Each trial fine-tunes the tiny model for the recipe's 300 steps with
-   attune's own loop (attune.loop, in the trial's process: no Train worker group, so its 64 trials
-   fit in about 25 minutes on 2 cores) and reports eval loss every 10 steps. The space: lr
+   attune's own loop (attune.loop, in the trial's process: no Train worker group, so its 128
+   trials fit in about 36 minutes on 2 cores) and reports eval loss every 10 steps. The space: lr
    log-uniform over 1e-5..1e-1 (the good region, measured, is 1e-3 to 3e-3) and warmup 0..20
-   steps. ASHA (grace period 30 steps, reduction factor 4: rungs at 30 and 120) and random
+   steps. ASHA (grace period 20 steps, reduction factor 3: rungs at 20, 60 and 180) and random
    search (FIFO: every trial runs to the end) get the same sampled trials, seed by seed; we count
    trial-steps (the steps every trial ran, summed) and the best eval loss reached. Goal: ASHA
    reaches random search's best (within the noise across seeds) for at most a third of its
@@ -35,7 +35,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 RECIPE, MAX_STEPS, EVAL_EVERY = "recipes/tiny-full.yaml", 300, 10
-GRACE, REDUCTION = 30, 4  # rungs at 30 and 120 steps: a quarter of the trials go on at each
+GRACE, REDUCTION = 20, 3  # rungs at 20, 60 and 180 steps: a third of the trials go on at each
 SPACE = {"lr": tune.loguniform(1e-5, 1e-1), "warmup": tune.randint(0, 20)}
 RESULTS = Path(__file__).parent / "results" / "tune.json"
 
@@ -146,7 +146,7 @@ def overhead(trials: int, reuse_actors: bool, work_s: float = 5.0, concurrency: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--overhead-trials", type=int, default=16)
     parser.add_argument("--overhead-only", action="store_true",
                         help="measure the overhead again, keeping the search figures in the file")

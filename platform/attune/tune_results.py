@@ -107,7 +107,8 @@ def _plot_curves(grid, out_dir: Path, metric: str) -> None:
         if "loss" in frame:
             plot_losses(history, out_dir / "curves" / f"{trial}.png", title=trial)
     ax.set(xlabel="step", ylabel=metric, title=f"{metric} per trial", yscale="log")
-    ax.legend(fontsize=7)
+    if len(ax.lines) <= 12:  # beyond, a legend covers the curves; curves/<trial>.png name them
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "curves.png")
     plt.close(fig)
