@@ -1,12 +1,18 @@
 """Serving benchmark: attune's endpoint (Ray Serve + ray.serve.llm + vLLM) vs vLLM's own server.
 
-    .venv/bin/python bench/serve.py [--requests 200]
+    .venv/bin/python bench/serve.py [--rounds 3] [--requests 200] [--sides ...]
 
 Same machine, same run, same fine-tuned tiny model, same request mix: streaming chat requests
-with a fixed output of 64 tokens (ignore_eos) at concurrency 1, 8 and 32. Reports output
-tokens/s, TTFT and inter-token latency (p50/p99), and attune/vLLM ratios, in
-bench/results/serve.json, for attune's default app (stream batching 0 and 20 ms) and for its
-direct-streaming mode.
+with a fixed output of 64 tokens (ignore_eos) at concurrency 1, 8 and 32 (`--requests` at 1,
+25 times the concurrency above it, so that every level streams for tens of seconds). Reports
+output tokens/s, TTFT and inter-token latency (p50/p99), and attune/vLLM ratios, in
+bench/results/serve.json, for attune's default app (stream batching 0 ms; 20 ms on request) and
+for its direct-streaming mode.
+
+The machine is shared and its speed drifts by tens of percent within minutes, so the servers
+take turns: each round measures vLLM and then every attune configuration, each ratio is taken
+against the same round's vLLM, and the summary is the mean of the rounds' ratios (each round's
+figures are kept too).
 """
 
 from __future__ import annotations
@@ -36,6 +42,11 @@ LOGS = Path(tempfile.gettempdir()) / "attune-bench-serve"  # each server's outpu
 # skips attune's ingress replica and Serve's Python proxy.
 SIDES = {"batching_0ms": {"batching_ms": 0}, "batching_20ms": {"batching_ms": 20},
          "direct_streaming": {"direct": True}}
+DEFAULT_SIDES = ["batching_0ms", "direct_streaming"]
+
+
+def requests_at(concurrency: int, requests: int) -> int:
+    return max(requests, 25 * concurrency)
 
 
 async def one_request(client, model: str, question: str) -> dict:
@@ -69,13 +80,15 @@ async def load(base_url: str, model: str, concurrency: int, requests: int, quest
     elapsed = time.perf_counter() - start
     ttft = sorted(r["ttft"] * 1000 for r in results)
     itl = sorted(x * 1000 for r in results for x in r["itl"])
+    await client.close()
     return {"output_tokens_per_s": sum(r["tokens"] for r in results) / elapsed,
             "ttft_ms_p50": statistics.median(ttft), "ttft_ms_p99": ttft[int(0.99 * (len(ttft) - 1))],
             "itl_ms_p50": statistics.median(itl), "itl_ms_p99": itl[int(0.99 * (len(itl) - 1))]}
 
 
 def run_levels(base_url, model, requests, questions) -> dict:
-    return {str(c): asyncio.run(load(base_url, model, c, requests, questions)) for c in CONCURRENCY}
+    return {str(c): asyncio.run(load(base_url, model, c, requests_at(c, requests), questions))
+            for c in CONCURRENCY}
 
 
 def wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 600) -> None:
@@ -123,7 +136,10 @@ def bench_attune(entry: str, requests: int, questions, batching_ms: float = 0,
         log = LOGS / f"attune-{'direct' if direct else f'batching-{batching_ms:g}ms'}.log"
         server = subprocess.Popen(
             [sys.executable, "-m", "attune", "serve", f.name, "--port", str(port)],
-            stdout=log.open("w"), stderr=subprocess.STDOUT)
+            stdout=log.open("w"), stderr=subprocess.STDOUT,
+            # Ctrl-C stops it below, also when this script runs in the background (nohup, &),
+            # whose children inherit an ignored SIGINT
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             wait_for(f"http://127.0.0.1:{port}/v1/models", server, log)
             return run_levels(f"http://127.0.0.1:{port}/v1", "tiny-full", requests, questions)
@@ -132,12 +148,25 @@ def bench_attune(entry: str, requests: int, questions, batching_ms: float = 0,
             server.wait(120)
 
 
+def ratios(attune: dict, vllm: dict) -> dict:
+    return {c: {"throughput": attune[c]["output_tokens_per_s"] / vllm[c]["output_tokens_per_s"],
+                "ttft_p50_delta_ms": attune[c]["ttft_ms_p50"] - vllm[c]["ttft_ms_p50"]}
+            for c in vllm}
+
+
+def mean_ratios(per_round: list[dict]) -> dict:
+    return {c: {k: statistics.mean(r[c][k] for r in per_round) for k in per_round[0][c]}
+            for c in per_round[0]}
+
+
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
+    parser.add_argument("--rounds", type=int, default=3, help="turns of vLLM then every side")
+    parser.add_argument("--requests", type=int, default=200,
+                        help="requests at concurrency 1; 25 x the concurrency above it")
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=DEFAULT_SIDES,
                         help="attune's configurations to measure (vLLM's server is always the baseline)")
     parser.add_argument("--out", default="bench/results/serve.json")
     args = parser.parse_args()
@@ -154,21 +183,23 @@ def main() -> None:
     entry = fine_tune(load_recipe("recipes/tiny-full.yaml"))  # resumes if already trained
     ray.shutdown()  # the training cluster would idle beside both servers
     questions = [q for q, _ in qa_pairs()]
-    vllm = bench_vllm(entry, args.requests, questions)
-    result = {"requests_per_level": args.requests, "output_tokens": OUTPUT_TOKENS, "vllm": vllm}
-    # Ray Serve LLM gathers streamed tokens for stream_batching_interval_ms (Ray's default 50)
-    # before sending: 0 is attune's default; 20 trades first-token latency for fewer messages.
-    for name in args.sides:
-        attune = bench_attune(entry, args.requests, questions, **SIDES[name])
-        result[f"attune_{name}"] = attune
-        result[f"ratios_{name}"] = {
-            c: {"throughput": attune[c]["output_tokens_per_s"] / vllm[c]["output_tokens_per_s"],
-                "ttft_p50_delta_ms": attune[c]["ttft_ms_p50"] - vllm[c]["ttft_ms_p50"]}
-            for c in vllm}
+    result = {"requests_per_level": {str(c): requests_at(c, args.requests) for c in CONCURRENCY},
+              "output_tokens": OUTPUT_TOKENS, "rounds": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    for _ in range(args.rounds):
+        vllm = bench_vllm(entry, args.requests, questions)
+        turn = {"vllm": vllm}
+        # Ray Serve LLM gathers streamed tokens for stream_batching_interval_ms (Ray's default
+        # 50) before sending: 0 is attune's default; 20 trades first-token latency for fewer messages.
+        for name in args.sides:
+            turn[f"attune_{name}"] = bench_attune(entry, args.requests, questions, **SIDES[name])
+            turn[f"ratios_{name}"] = ratios(turn[f"attune_{name}"], vllm)
+        result["rounds"].append(turn)
+        for name in args.sides:
+            result[f"ratios_{name}"] = mean_ratios([t[f"ratios_{name}"] for t in result["rounds"]])
+        out.write_text(json.dumps(result, indent=2) + "\n")  # a partial run keeps what it measured
+    print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2))
 
 
 if __name__ == "__main__":

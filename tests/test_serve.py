@@ -182,6 +182,23 @@ def test_overload_beyond_the_queue_is_refused_not_queued(served_endpoint):
     assert all("backpressure" in b["error"]["message"] for _, b in refused), refused[0][1]
 
 
+def test_engines_run_at_normal_priority_in_attunes_own_ray(served_endpoint):
+    """Ray starts workers at nice 15; in the Ray attune starts for itself the model servers and
+    their vLLM engine processes run at 0, as `vllm serve` does (attune.trainer.embedded_cluster_env)."""
+    import psutil
+    from ray.util.state import list_actors
+
+    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                if a.class_name.startswith("ServeReplica:") and "LLMServer" in a.class_name]
+    assert replicas, "no model server replica found"
+    for replica in replicas:
+        process = psutil.Process(replica.pid)
+        engine = process.children(recursive=True)  # vLLM's EngineCore and its worker
+        assert engine, f"{replica.class_name} has no engine processes"
+        assert {p.name(): p.nice() for p in [process, *engine]} == {
+            p.name(): 0 for p in [process, *engine]}
+
+
 def test_killed_replica_is_replaced_and_endpoint_answers_again(served_endpoint):
     import time
 

@@ -78,3 +78,18 @@ def test_replicas_skip_rays_download_step_only_for_models_on_disk(tmp_path, sour
     callback = llm_config.callback_config.callback_class(llm_config=llm_config)
     asyncio.run(callback.on_before_node_init())
     assert callback.ctx.run_init_node is downloads
+
+
+def test_attunes_own_ray_runs_workers_at_normal_priority_and_fits_haproxy_to_the_cores(monkeypatch):
+    from attune.trainer import embedded_cluster_env
+
+    for name in ("RAY_worker_niceness", "RAY_SERVE_HAPROXY_NBTHREAD"):
+        monkeypatch.delenv(name, raising=False)
+    env = embedded_cluster_env("http://127.0.0.1:8265", cores=2)
+    assert env == {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:8265", "RAY_worker_niceness": "0",
+                   "RAY_SERVE_HAPROXY_NBTHREAD": "1"}
+    assert embedded_cluster_env("u", cores=64)["RAY_SERVE_HAPROXY_NBTHREAD"] == "4"  # Ray's default
+    monkeypatch.setenv("RAY_worker_niceness", "10")  # the user's own settings win
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_NBTHREAD", "3")
+    assert embedded_cluster_env("u", cores=2)["RAY_worker_niceness"] == "10"
+    assert embedded_cluster_env("u", cores=2)["RAY_SERVE_HAPROXY_NBTHREAD"] == "3"
