@@ -1,6 +1,6 @@
 """Serving benchmark: attune's endpoint (Ray Serve + ray.serve.llm + vLLM) vs vLLM's own server.
 
-    .venv/bin/python bench/serve.py [--rounds 3] [--requests 200] [--sides ...]
+    .venv/bin/python bench/serve.py [--rounds 2] [--requests 200] [--sides ...]
 
 Same machine, same run, same fine-tuned tiny model, same request mix: streaming chat requests
 with a fixed output of 64 tokens (ignore_eos) at concurrency 1, 8 and 32 (`--requests` at 1,
@@ -10,9 +10,9 @@ bench/results/serve.json, for attune's default app (stream batching 0 ms; 20 ms 
 for its direct-streaming mode.
 
 The machine is shared and its speed drifts by tens of percent within minutes, so the servers
-take turns: each round measures vLLM and then every attune configuration, each ratio is taken
-against the same round's vLLM, and the summary is the mean of the rounds' ratios (each round's
-figures are kept too).
+take turns: vLLM, every attune configuration, vLLM again, ... ending with vLLM. Each attune
+figure is compared with the mean of the vLLM runs just before and just after it, and the summary
+is the mean of the rounds' ratios (each run's figures are kept too).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ LOGS = Path(tempfile.gettempdir()) / "attune-bench-serve"  # each server's outpu
 # skips attune's ingress replica and Serve's Python proxy.
 SIDES = {"batching_0ms": {"batching_ms": 0}, "batching_20ms": {"batching_ms": 20},
          "direct_streaming": {"direct": True}}
-DEFAULT_SIDES = ["batching_0ms", "direct_streaming"]
+DEFAULT_SIDES = ["direct_streaming", "batching_0ms"]
 
 
 def requests_at(concurrency: int, requests: int) -> int:
@@ -154,16 +154,16 @@ def ratios(attune: dict, vllm: dict) -> dict:
             for c in vllm}
 
 
-def mean_ratios(per_round: list[dict]) -> dict:
-    return {c: {k: statistics.mean(r[c][k] for r in per_round) for k in per_round[0][c]}
-            for c in per_round[0]}
+def mean_by_level(runs: list[dict]) -> dict:
+    """Figures (or ratios) of several runs, {concurrency: {name: value}}, averaged."""
+    return {c: {k: statistics.mean(r[c][k] for r in runs) for k in runs[0][c]} for c in runs[0]}
 
 
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3, help="turns of vLLM then every side")
+    parser.add_argument("--rounds", type=int, default=2, help="turns of every side, then vLLM")
     parser.add_argument("--requests", type=int, default=200,
                         help="requests at concurrency 1; 25 x the concurrency above it")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=DEFAULT_SIDES,
@@ -187,17 +187,21 @@ def main() -> None:
               "output_tokens": OUTPUT_TOKENS, "rounds": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    vllm_runs = [bench_vllm(entry, args.requests, questions)]
     for _ in range(args.rounds):
-        vllm = bench_vllm(entry, args.requests, questions)
-        turn = {"vllm": vllm}
+        turn = {}
         # Ray Serve LLM gathers streamed tokens for stream_batching_interval_ms (Ray's default
         # 50) before sending: 0 is attune's default; 20 trades first-token latency for fewer messages.
         for name in args.sides:
             turn[f"attune_{name}"] = bench_attune(entry, args.requests, questions, **SIDES[name])
-            turn[f"ratios_{name}"] = ratios(turn[f"attune_{name}"], vllm)
+        vllm_runs.append(bench_vllm(entry, args.requests, questions))
+        turn["vllm_before"], turn["vllm_after"] = vllm_runs[-2:]
+        baseline = mean_by_level(vllm_runs[-2:])
+        for name in args.sides:
+            turn[f"ratios_{name}"] = ratios(turn[f"attune_{name}"], baseline)
         result["rounds"].append(turn)
         for name in args.sides:
-            result[f"ratios_{name}"] = mean_ratios([t[f"ratios_{name}"] for t in result["rounds"]])
+            result[f"ratios_{name}"] = mean_by_level([t[f"ratios_{name}"] for t in result["rounds"]])
         out.write_text(json.dumps(result, indent=2) + "\n")  # a partial run keeps what it measured
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2))
 
