@@ -185,16 +185,19 @@ def test_overload_beyond_the_queue_is_refused_not_queued(served_endpoint):
 def test_engines_run_at_normal_priority_in_attunes_own_ray(served_endpoint):
     """Ray starts workers at nice 15; in the Ray attune starts for itself the model servers and
     their vLLM engine processes run at 0, as `vllm serve` does (attune.trainer.embedded_cluster_env)."""
-    import psutil
-    from ray.util.state import list_actors
+    import os
 
-    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                if a.class_name.startswith("ServeReplica:") and "LLMServer" in a.class_name]
+    import psutil
+    import ray
+
+    replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == "serve" and "LLMServer" in a["name"]]
     assert replicas, "no model server replica found"
-    for replica in replicas:
-        process = psutil.Process(replica.pid)
+    for name in replicas:
+        actor = ray.get_actor(name, namespace="serve")
+        process = psutil.Process(ray.get(actor.__ray_call__.remote(lambda _: os.getpid())))
         engine = process.children(recursive=True)  # vLLM's EngineCore and its worker
-        assert engine, f"{replica.class_name} has no engine processes"
+        assert engine, f"{name} has no engine processes"
         niceness = [(p.name(), p.nice()) for p in [process, *engine]]
         assert all(nice == 0 for _, nice in niceness), niceness
 
