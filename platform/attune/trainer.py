@@ -74,9 +74,10 @@ def embedded_cluster_env(dashboard_url: str, cores: int | None = None) -> dict[s
       placement group.
     RAY_worker_niceness: Ray starts every worker at nice 15, below its own daemons, as on a
       shared node. Here the workers are the vLLM engine and its HTTP server (and Train's
-      workers): at 15 anything else on the machine goes first, the client included. Serving
-      benchmark, 2 cores, same run: 0.71 / 0.88 / 0.90 of vLLM's tokens/s at concurrency
-      1 / 8 / 32 at nice 15, 0.98 / 1.06 / 1.06 at 0, which is how `vllm serve` runs.
+      workers): at 15 anything else on the machine goes first, the client included. 2 cores,
+      2 rounds interleaved with `vllm serve` (which runs at 0): 0.75 / 0.96 / 0.94 of its
+      tokens/s at concurrency 1 / 8 / 32 at nice 15, 0.95 / 0.97 / 1.00 at 0 (README, Serving
+      benchmark, for the later full run).
     RAY_SERVE_HAPROXY_NBTHREAD: Ray's default is 4 threads for direct streaming's HAProxy, sized
       for a big node; one per two cores here (on 2 cores HAProxy's CPU per streamed token went
       from 0.03 to 0.02 ms).
