@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -249,7 +250,10 @@ def _progress_line(m: dict, max_steps: int) -> str:
 
 def _log(line: str) -> None:
     if parallel.rank() == 0:
-        print(f"[attune] {line}", flush=True)
+        # To the process's own stdout, past print's patches: in a Ray Train worker, Train's
+        # print hands each line to its logger (stderr) and, as Ray wraps sys.stdout, to stdout
+        # too, and the driver showed every progress line twice.
+        print(f"[attune] {line}", file=sys.__stdout__, flush=True)
 
 
 def _maybe_inject_fault(step: int) -> None:

@@ -208,7 +208,9 @@ def _keeping(batches, cache: list | None):
     for batch in batches:
         if cache is not None:
             cache += [{k: v[i] for k, v in batch.items()} for i in range(len(batch["input_ids"]))]
-        yield {k: torch.as_tensor(v) for k, v in batch.items()}
+        # A copy: Ray Data hands out read-only views of its blocks, which torch warns about on
+        # every batch (and a tensor over one must not be written to); the batches are small.
+        yield {k: torch.tensor(v) for k, v in batch.items()}
 
 
 def _recording(batches, cache: list):
