@@ -250,10 +250,11 @@ def _progress_line(m: dict, max_steps: int) -> str:
 
 def _log(line: str) -> None:
     if parallel.rank() == 0:
-        # To the process's own stdout, past print's patches: in a Ray Train worker, Train's
-        # print hands each line to its logger (stderr) and, as Ray wraps sys.stdout, to stdout
-        # too, and the driver showed every progress line twice.
-        print(f"[attune] {line}", file=sys.__stdout__, flush=True)
+        # Written, not printed: in a Ray Train worker, Train's patched print hands each line to
+        # its logger (stderr) and, as Ray wraps sys.stdout, to stdout too, and the driver
+        # showed every progress line twice.
+        sys.stdout.write(f"[attune] {line}\n")
+        sys.stdout.flush()
 
 
 def _maybe_inject_fault(step: int) -> None:
