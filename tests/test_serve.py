@@ -184,7 +184,8 @@ def test_overload_beyond_the_queue_is_refused_not_queued(served_endpoint):
 
 def test_engines_run_at_normal_priority_in_attunes_own_ray(served_endpoint):
     """Ray starts workers at nice 15; in the Ray attune starts for itself the model servers and
-    their vLLM engine processes run at 0, as `vllm serve` does (attune.trainer.embedded_cluster_env)."""
+    their vLLM engine processes run at 0, as `vllm serve` does, and Serve's controller loop runs
+    less often (attune.trainer.embedded_cluster_env)."""
     import os
 
     import psutil
@@ -200,6 +201,10 @@ def test_engines_run_at_normal_priority_in_attunes_own_ray(served_endpoint):
         assert engine, f"{name} has no engine processes"
         niceness = [(p.name(), p.nice()) for p in [process, *engine]]
         assert all(nice == 0 for _, nice in niceness), niceness
+    # and Serve's controller reconciles every 0.5 s instead of 0.1 (CPU it would take from them)
+    controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+    environ = psutil.Process(ray.get(controller.__ray_call__.remote(lambda _: os.getpid()))).environ()
+    assert environ.get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S") == "0.5"
 
 
 def test_killed_replica_is_replaced_and_endpoint_answers_again(served_endpoint):

@@ -80,16 +80,31 @@ def test_replicas_skip_rays_download_step_only_for_models_on_disk(tmp_path, sour
     assert callback.ctx.run_init_node is downloads
 
 
-def test_attunes_own_ray_runs_workers_at_normal_priority_and_fits_haproxy_to_the_cores(monkeypatch):
+@pytest.mark.parametrize("args, exported", [
+    ({}, True), ({"direct_streaming": True}, False),
+    ({"direct_streaming": True, "engine": {"ray_metrics": True}}, True),
+    ({"engine": {"ray_metrics": False}}, False)])
+def test_engine_metrics_go_through_ray_unless_the_endpoint_serves_them(args, exported):
+    from attune.serve.app import _llm_config
+
+    config = validate(ServeConfig, {"base_models": [TINY], **args}, "args")
+    assert _llm_config("tiny-full", "/models/tiny-full", config, lora=False).log_engine_metrics is exported
+
+
+def test_attunes_own_ray_runs_workers_at_normal_priority_and_fits_serve_to_the_cores(monkeypatch):
     from attune.trainer import embedded_cluster_env
 
-    for name in ("RAY_worker_niceness", "RAY_SERVE_HAPROXY_NBTHREAD"):
+    for name in ("RAY_worker_niceness", "RAY_SERVE_HAPROXY_NBTHREAD",
+                 "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"):
         monkeypatch.delenv(name, raising=False)
     env = embedded_cluster_env("http://127.0.0.1:8265", cores=2)
     assert env == {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:8265", "RAY_worker_niceness": "0",
-                   "RAY_SERVE_HAPROXY_NBTHREAD": "1"}
+                   "RAY_SERVE_HAPROXY_NBTHREAD": "1", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
     assert embedded_cluster_env("u", cores=64)["RAY_SERVE_HAPROXY_NBTHREAD"] == "4"  # Ray's default
     monkeypatch.setenv("RAY_worker_niceness", "10")  # the user's own settings win
     monkeypatch.setenv("RAY_SERVE_HAPROXY_NBTHREAD", "3")
-    assert embedded_cluster_env("u", cores=2)["RAY_worker_niceness"] == "10"
-    assert embedded_cluster_env("u", cores=2)["RAY_SERVE_HAPROXY_NBTHREAD"] == "3"
+    monkeypatch.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.1")
+    user_set = embedded_cluster_env("u", cores=2)
+    assert user_set["RAY_worker_niceness"] == "10"
+    assert user_set["RAY_SERVE_HAPROXY_NBTHREAD"] == "3"
+    assert user_set["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"

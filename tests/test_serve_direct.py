@@ -88,6 +88,23 @@ def test_direct_auth(direct_endpoint):
         assert urllib.request.urlopen(root + health, timeout=10).status == 200
 
 
+def test_direct_endpoint_serves_vllms_engine_metrics_behind_the_key(direct_endpoint):
+    """Under direct streaming the engine's metrics are vLLM's own, at the endpoint's /metrics as
+    `vllm serve` has them, instead of going out through Ray's export (engine.ray_metrics)."""
+    body = {"model": "tiny-full", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+            "ignore_eos": True}
+    assert post(direct_endpoint, "/chat/completions", body)[0] == 200
+    url = direct_endpoint.base_url.removesuffix("/v1") + "/metrics"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=10)
+    assert refused.value.code == 401
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {API_KEY}"})
+    text = urllib.request.urlopen(request, timeout=10).read().decode()
+    generated = [line for line in text.splitlines()
+                 if line.startswith("vllm:generation_tokens_total{") and 'model_name="tiny-full"' in line]
+    assert generated and float(generated[0].rsplit(" ", 1)[1]) >= 3, generated
+
+
 @pytest.mark.parametrize("name", [n for n in BAD_REQUESTS if n != "unknown adapter"])
 def test_direct_bad_request_gets_a_4xx_and_the_service_keeps_answering(direct_endpoint, name):
     assert_refused_then_answers(direct_endpoint, BAD_REQUESTS[name])

@@ -40,6 +40,11 @@ class EngineConfig(_Strict):
     stream_batching_interval_ms: float = Field(
         0, ge=0, description="How long Ray Serve LLM gathers streamed tokens before sending them; "
         "Ray's default (50 ms) adds that much to the time to first token.")
+    ray_metrics: bool | None = Field(
+        None, description="Export vLLM's engine metrics (vllm:*) through Ray's metrics, scraped "
+        "from every node's Ray metrics port. None: on, except with direct_streaming, whose "
+        "endpoint serves vLLM's own /metrics as `vllm serve` does; Ray's export costs its "
+        "dashboard agent about 3% of a core under load.")
     extra: dict = Field(default_factory=dict, description="More vLLM engine arguments, verbatim.")
 
 
