@@ -90,7 +90,7 @@ def _llm_config(model_id: str, source: str, config: ServeConfig, lora: bool) -> 
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": source},
         engine_kwargs=engine_kwargs,
-        log_engine_metrics=ray_metrics(config),
+        log_engine_metrics=_ray_metrics(config),
         experimental_configs={"stream_batching_interval_ms": e.stream_batching_interval_ms},
         callback_config={"callback_class": SkipDownloadForLocalModels},
         deployment_config={
@@ -111,7 +111,7 @@ def _logging(config: ServeConfig) -> dict:
     return {"enable_access_log": config.access_log}
 
 
-def ray_metrics(config: ServeConfig) -> bool:
+def _ray_metrics(config: ServeConfig) -> bool:
     """Whether engines export their metrics through Ray's: yes unless said otherwise, except
     under direct streaming, where vLLM's own /metrics on the endpoint has them."""
     if config.engine.ray_metrics is not None:
