@@ -107,6 +107,7 @@ def _free_port() -> int:
 class RayHead:
     gcs: str  # host:port, for RAY_ADDRESS
     dashboard: str  # http://host:port, for `ray job submit` and `serve deploy`
+    temp_dir: str  # its sessions, logs included
 
 
 @contextmanager
@@ -162,7 +163,7 @@ def ray_start_head(**env_vars: str):
                 raise RuntimeError("ray start --head did not come up")
             time.sleep(1)
     try:
-        yield RayHead(f"127.0.0.1:{gcs}", address)
+        yield RayHead(f"127.0.0.1:{gcs}", address, temp_dir)
     finally:
         # Ctrl-C, which `ray start --block` waits for: it stops the cluster in about 2 s, while
         # a SIGTERM went unanswered for the whole 30 s timeout (measured).

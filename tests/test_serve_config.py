@@ -19,6 +19,7 @@ TINY = {"id": "tiny-llama", "name_or_path": "attune:tiny-llama"}
      "direct_streaming: serves exactly one model"),
     ({"base_models": [TINY], "lora_store": "s3://b/adapters", "direct_streaming": True},
      "direct_streaming"),
+    ({"base_models": [TINY], "engine": {"poll_sleep_us": -1}}, "engine.poll_sleep_us"),
 ])
 def test_bad_serving_configs_name_the_key(args, message):
     with pytest.raises(RecipeError, match=message):
@@ -108,3 +109,61 @@ def test_attunes_own_ray_runs_workers_at_normal_priority_and_fits_serve_to_the_c
     assert user_set["RAY_worker_niceness"] == "10"
     assert user_set["RAY_SERVE_HAPROXY_NBTHREAD"] == "3"
     assert user_set["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"
+
+
+@pytest.mark.parametrize("args, sleep_us", [
+    ({}, "20"), ({"accelerator": "gpu"}, None), ({"engine": {"poll_sleep_us": 0}}, None),
+    ({"accelerator": "gpu", "engine": {"poll_sleep_us": 50}}, "50")])
+def test_engines_on_cpu_wait_for_their_worker_without_spinning(args, sleep_us):
+    from attune.serve.app import _llm_config
+    from attune.serve.vllm_plugin import POLL_SLEEP_ENV
+
+    config = validate(ServeConfig, {"base_models": [TINY], **args}, "args")
+    env = _llm_config("tiny-full", "/models/tiny-full", config, lora=False).runtime_env["env_vars"]
+    assert env.get(POLL_SLEEP_ENV) == sleep_us
+
+
+@pytest.mark.parametrize("value, waits_with", [("20", "sleep_instead_of_spinning"),
+                                               ("", "sched_yield")])
+def test_vllm_loads_attunes_plugin_which_acts_only_where_asked(value, waits_with):
+    """Through vLLM's own plugin loader, in a fresh process as each of vLLM's is."""
+    import os
+    import subprocess
+    import sys
+
+    from attune.serve.vllm_plugin import POLL_SLEEP_ENV
+
+    code = ("from vllm.plugins import load_general_plugins; load_general_plugins(); "
+            "from vllm.distributed.device_communicators import shm_broadcast; "
+            "print(shm_broadcast.sched_yield.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, POLL_SLEEP_ENV: value},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == waits_with
+
+
+def test_vllms_busy_wait_sleeps_once_the_plugin_is_on(monkeypatch):
+    """vLLM's own SpinCondition.wait, in its busy phase (a result read moments ago)."""
+    import time
+
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    from attune.serve import vllm_plugin
+
+    monkeypatch.setattr(shm_broadcast, "sched_yield", shm_broadcast.sched_yield)  # undone after
+    monkeypatch.setenv(vllm_plugin.POLL_SLEEP_ENV, "20")
+    vllm_plugin.register()
+    slept = []
+    monkeypatch.setattr(vllm_plugin.time, "sleep", slept.append)
+    waiting = shm_broadcast.SpinCondition.__new__(shm_broadcast.SpinCondition)
+    waiting.is_reader, waiting.last_read, waiting.busy_loop_s = True, time.monotonic(), 60.0
+    waiting.wait()
+    assert slept == [20e-6]
+
+
+@pytest.mark.parametrize("value", ["fast", "-5", "nan"])
+def test_a_bad_poll_sleep_in_the_environment_names_the_variable(value):
+    from attune.serve.vllm_plugin import POLL_SLEEP_ENV, poll_sleep_us
+
+    with pytest.raises(ValueError, match=f"{POLL_SLEEP_ENV}='{value}'"):
+        poll_sleep_us(value)

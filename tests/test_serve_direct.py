@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import yaml
@@ -26,24 +27,29 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def direct_endpoint(tiny_full_entry, tmp_path_factory):
-    """`attune serve` on a `ray start --head` cluster started with Serve's HAProxy switch (Serve
-    reads it once, at start), room for 2 requests at work and 2 waiting, so that a burst meets
-    the queue's limit."""
+def direct_head():
+    """A `ray start --head` cluster started with Serve's HAProxy switch (Serve reads it once, at
+    start). A direct-ingress replica drains for 30 s before it stops, for load balancers to
+    notice; here nothing balances but the cluster's own HAProxy, and the teardown waited for it."""
+    with ray_start_head(RAY_SERVE_ENABLE_HA_PROXY="1",
+                        RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="2") as head:
+        yield head
+
+
+@pytest.fixture(scope="module")
+def direct_endpoint(tiny_full_entry, tmp_path_factory, direct_head):
+    """`attune serve` on that cluster, room for 2 requests at work and 2 waiting, so that a
+    burst meets the queue's limit."""
     config = {"base_models": [{"id": "tiny-full", "name_or_path": tiny_full_entry}],
               "direct_streaming": True,
               "max_ongoing_requests": 2, "max_queued_requests": 2}
     folder = tmp_path_factory.mktemp("direct")
     (folder / "serve.yaml").write_text(yaml.safe_dump(config))
     port = _free_port()
-    # A direct-ingress replica drains for 30 s before it stops, for load balancers to notice;
-    # here nothing balances but the cluster's own HAProxy, and the teardown waited for it.
-    with ray_start_head(RAY_SERVE_ENABLE_HA_PROXY="1",
-                        RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="2") as head, \
-            open(folder / "serve.log", "w") as log:
+    with open(folder / "serve.log", "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "attune", "serve", str(folder / "serve.yaml"), "--port", str(port)],
-            env={**os.environ, "RAY_ADDRESS": head.gcs, "ATTUNE_API_KEYS": API_KEY},
+            env={**os.environ, "RAY_ADDRESS": direct_head.gcs, "ATTUNE_API_KEYS": API_KEY},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         endpoint = ServedEndpoint(f"http://127.0.0.1:{port}/v1", API_KEY, "", "tiny-full", "", config)
         try:
@@ -103,6 +109,16 @@ def test_direct_endpoint_serves_vllms_engine_metrics_behind_the_key(direct_endpo
     generated = [line for line in text.splitlines()
                  if line.startswith("vllm:generation_tokens_total{") and 'model_name="tiny-full"' in line]
     assert generated and float(generated[0].rsplit(" ", 1)[1]) >= 3, generated
+
+
+def test_direct_engine_waits_for_its_worker_without_spinning(direct_endpoint, direct_head):
+    """attune's vLLM plugin is on in the engine core and the model worker (CPU): their own log
+    lines, which Ray keeps with the replica's worker logs, say so."""
+    logs = Path(direct_head.temp_dir).glob("session_*/logs/worker-*")
+    said = {line.split(" pid=")[0] for log in logs
+            for line in log.read_text(errors="replace").splitlines()
+            if "queue waits sleep 20 us instead of spinning" in line and " pid=" in line}
+    assert {"(EngineCore", "(VllmWorker-0"} <= said, said
 
 
 @pytest.mark.parametrize("name", [n for n in BAD_REQUESTS if n != "unknown adapter"])

@@ -21,6 +21,7 @@ from attune.serve.ingress import Ingress, RetryAfterMiddleware, add_openai_error
 from attune.serve.entries import check_servable, promote_adapter, read_entry
 from attune.serve.node_init import SkipDownloadForLocalModels
 from attune.serve.server import LLMServer
+from attune.serve.vllm_plugin import POLL_SLEEP_ENV
 
 # Ray Serve settings each replica reads from its environment, so the runtime_env of both
 # deployments carries them (local Ray, `serve run`, a RayService alike). On a few cores every
@@ -39,6 +40,11 @@ REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 # object has no attribute 'finalize_loading'"), so every replica start compiled the model again
 # (10-13 s of warm-up here). vLLM's older compile cache loads: 5 s (measured, tiny model).
 CPU_COMPILE_ENV = {"VLLM_USE_AOT_COMPILE": "0"}
+
+# Engines on CPU sleep this long between looks at their model worker's queue instead of spinning
+# (attune.serve.vllm_plugin). The kernel stretches short sleeps to its timer slack (50 us by
+# default): on this machine, under load, a 20 us sleep took 95 us and a 1 us one 73.
+CPU_POLL_SLEEP_US = 20
 
 
 def build_app(args: dict) -> Application:
@@ -78,6 +84,8 @@ def _llm_config(model_id: str, source: str, config: ServeConfig, lora: bool) -> 
     kwargs = {"runtime_env": {"env_vars": dict(REPLICA_ENV)}}
     if config.direct_streaming:  # the replica serves HTTP itself, behind HAProxy
         kwargs["runtime_env"]["env_vars"][HA_PROXY_ENV] = "1"
+    if sleep_us := _poll_sleep_us(config):  # read by attune's vLLM plugin in the engine processes
+        kwargs["runtime_env"]["env_vars"][POLL_SLEEP_ENV] = f"{sleep_us:g}"
     if config.accelerator == "cpu":
         # Without this every replica asks Ray for a GPU and waits forever.
         kwargs["accelerator_config"] = {"kind": "cpu"}
@@ -117,6 +125,14 @@ def _ray_metrics(config: ServeConfig) -> bool:
     if config.engine.ray_metrics is not None:
         return config.engine.ray_metrics
     return not config.direct_streaming
+
+
+def _poll_sleep_us(config: ServeConfig) -> float:
+    """How long engines sleep between looks at their worker's queue: 0 is vLLM's spin, kept on
+    GPUs, where a step is long and the cores many."""
+    if config.engine.poll_sleep_us is not None:
+        return config.engine.poll_sleep_us
+    return CPU_POLL_SLEEP_US if config.accelerator == "cpu" else 0
 
 
 def _store_for(config: ServeConfig, base: BaseModelSpec) -> str:

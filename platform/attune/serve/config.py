@@ -45,6 +45,11 @@ class EngineConfig(_Strict):
         "from every node's Ray metrics port. None: on, except with direct_streaming, whose "
         "endpoint serves vLLM's own /metrics as `vllm serve` does; Ray's export costs its "
         "dashboard agent about 3% of a core under load.")
+    poll_sleep_us: float | None = Field(
+        None, ge=0, description="Microseconds a vLLM engine process sleeps between looks at its "
+        "model worker's queue, instead of vLLM's spin (sched_yield), which on a few CPU cores "
+        "starves the engine's other threads of the GIL: tokens reach clients in bursts. None: "
+        "20 on cpu, vLLM's spin on gpu; 0: vLLM's spin.")
     extra: dict = Field(default_factory=dict, description="More vLLM engine arguments, verbatim.")
 
 
