@@ -6,13 +6,15 @@ Same machine, same run, same fine-tuned tiny model, same request mix: streaming 
 with a fixed output of 64 tokens (ignore_eos) at concurrency 1, 8 and 32 (`--requests` at 1,
 25 times the concurrency above it, so that every level streams for tens of seconds). Reports
 output tokens/s, TTFT and inter-token latency (p50/p99), and attune/vLLM ratios, in
-bench/results/serve.json, for attune's default app (stream batching 0 ms; 20 ms on request) and
-for its direct-streaming mode.
+bench/results/serve.json, for attune's default app (stream batching 0 ms; 20 ms on request), for
+its direct-streaming mode, and for vLLM's server with attune's vLLM plugin on (its engines wait
+for their worker without spinning, as attune's do on CPU), which tells that fix's share of
+attune's figures from the rest of its stack's.
 
 The machine is shared and its speed drifts by tens of percent within minutes, so the servers
-take turns: vLLM, every attune configuration, vLLM again, ... ending with vLLM. Each attune
-figure is compared with the mean of the vLLM runs just before and just after it, and the summary
-is the mean of the rounds' ratios (each run's figures are kept too).
+take turns: vLLM, every attune configuration, vLLM with the plugin, vLLM again, ... ending with
+vLLM. Each other figure is compared with the mean of the plain vLLM runs just before and just
+after it, and the summary is the mean of the rounds' ratios (each run's figures are kept too).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ LOGS = Path(tempfile.gettempdir()) / "attune-bench-serve"  # each server's outpu
 SIDES = {"batching_0ms": {"batching_ms": 0}, "batching_20ms": {"batching_ms": 20},
          "direct_streaming": {"direct": True}}
 DEFAULT_SIDES = ["direct_streaming", "batching_0ms"]
+# vLLM's own server with attune's vLLM plugin switched on (engines sleep between looks at their
+# worker's queue instead of spinning, as attune's engines on CPU do): what of attune's figures
+# is that fix and what is the rest of its stack.
+VLLM_POLL_SLEEP = "vllm_poll_sleep"
 
 
 def requests_at(concurrency: int, requests: int) -> int:
@@ -105,14 +111,21 @@ def wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 600
     raise TimeoutError(f"{url} (server log: {log})")
 
 
-def bench_vllm(entry: str, requests: int, questions) -> dict:
+def bench_vllm(entry: str, requests: int, questions, own_session: bool,
+               poll_sleep: bool = False) -> dict:
+    from attune.serve.app import CPU_POLL_SLEEP_US
+    from attune.serve.vllm_plugin import POLL_SLEEP_ENV
+
     port = 8031
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    log = LOGS / "vllm.log"
+    # attune's plugin is installed beside vLLM; without the variable it leaves vLLM as it is
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",
+           POLL_SLEEP_ENV: str(CPU_POLL_SLEEP_US) if poll_sleep else ""}
+    log = LOGS / f"vllm{'-poll-sleep' if poll_sleep else ''}.log"
     server = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", entry,
          "--served-model-name", "tiny-full", "--port", str(port), "--max-model-len", "512",
-         "--api-key", KEY], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+         "--api-key", KEY], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        start_new_session=own_session)
     try:
         wait_for(f"http://127.0.0.1:{port}/v1/models", server, log)
         return run_levels(f"http://127.0.0.1:{port}/v1", "tiny-full", requests, questions)
@@ -121,8 +134,8 @@ def bench_vllm(entry: str, requests: int, questions) -> dict:
         server.wait(60)
 
 
-def bench_attune(entry: str, requests: int, questions, batching_ms: float = 0,
-                 direct: bool = False) -> dict:
+def bench_attune(entry: str, requests: int, questions, own_session: bool,
+                 batching_ms: float = 0, direct: bool = False) -> dict:
     # One engine, as on the vLLM side: the fine-tuned entry served as a model of its own. Like
     # vLLM's, the server runs apart from this client (`attune serve`, output to a file), so
     # neither side's logging lands in the process that measures.
@@ -136,7 +149,7 @@ def bench_attune(entry: str, requests: int, questions, batching_ms: float = 0,
         log = LOGS / f"attune-{'direct' if direct else f'batching-{batching_ms:g}ms'}.log"
         server = subprocess.Popen(
             [sys.executable, "-m", "attune", "serve", f.name, "--port", str(port)],
-            stdout=log.open("w"), stderr=subprocess.STDOUT,
+            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=own_session,
             # Ctrl-C stops it below, also when this script runs in the background (nohup, &),
             # whose children inherit an ignored SIGINT
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -166,8 +179,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="turns of every side, then vLLM")
     parser.add_argument("--requests", type=int, default=200,
                         help="requests at concurrency 1; 25 x the concurrency above it")
-    parser.add_argument("--sides", nargs="+", choices=SIDES, default=DEFAULT_SIDES,
-                        help="attune's configurations to measure (vLLM's server is always the baseline)")
+    parser.add_argument("--sides", nargs="+", choices=[*SIDES, VLLM_POLL_SLEEP],
+                        default=[*DEFAULT_SIDES, VLLM_POLL_SLEEP],
+                        help="attune's configurations to measure, and vLLM's server with attune's "
+                        "plugin (plain vLLM is always the baseline)")
+    parser.add_argument("--session", choices=["own", "shared"], default="own",
+                        help="each server in a session of its own, as from a terminal of its own "
+                        "or as a service, or in this client's (Linux schedules sessions as groups)")
     parser.add_argument("--out", default="bench/results/serve.json")
     args = parser.parse_args()
     os.environ.setdefault("ATTUNE_HOME", "/tmp/attune-bench")
@@ -183,24 +201,33 @@ def main() -> None:
     entry = fine_tune(load_recipe("recipes/tiny-full.yaml"))  # resumes if already trained
     ray.shutdown()  # the training cluster would idle beside both servers
     questions = [q for q, _ in qa_pairs()]
-    result = {"requests_per_level": {str(c): requests_at(c, args.requests) for c in CONCURRENCY},
+    own_session = args.session == "own"
+    result = {"server_session": args.session,
+              "requests_per_level": {str(c): requests_at(c, args.requests) for c in CONCURRENCY},
               "output_tokens": OUTPUT_TOKENS, "rounds": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    vllm_runs = [bench_vllm(entry, args.requests, questions)]
+    attune_sides = [name for name in args.sides if name in SIDES]
+    compared = [f"attune_{name}" for name in attune_sides] + [
+        name for name in args.sides if name == VLLM_POLL_SLEEP]
+    vllm_runs = [bench_vllm(entry, args.requests, questions, own_session)]
     for _ in range(args.rounds):
         turn = {}
         # Ray Serve LLM gathers streamed tokens for stream_batching_interval_ms (Ray's default
         # 50) before sending: 0 is attune's default; 20 trades first-token latency for fewer messages.
-        for name in args.sides:
-            turn[f"attune_{name}"] = bench_attune(entry, args.requests, questions, **SIDES[name])
-        vllm_runs.append(bench_vllm(entry, args.requests, questions))
+        for name in attune_sides:
+            turn[f"attune_{name}"] = bench_attune(entry, args.requests, questions, own_session,
+                                                  **SIDES[name])
+        if VLLM_POLL_SLEEP in args.sides:
+            turn[VLLM_POLL_SLEEP] = bench_vllm(entry, args.requests, questions, own_session,
+                                               poll_sleep=True)
+        vllm_runs.append(bench_vllm(entry, args.requests, questions, own_session))
         turn["vllm_before"], turn["vllm_after"] = vllm_runs[-2:]
         baseline = mean_by_level(vllm_runs[-2:])
-        for name in args.sides:
-            turn[f"ratios_{name}"] = ratios(turn[f"attune_{name}"], baseline)
+        for name in compared:
+            turn[f"ratios_{name}"] = ratios(turn[name], baseline)
         result["rounds"].append(turn)
-        for name in args.sides:
+        for name in compared:
             result[f"ratios_{name}"] = mean_by_level([t[f"ratios_{name}"] for t in result["rounds"]])
         out.write_text(json.dumps(result, indent=2) + "\n")  # a partial run keeps what it measured
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2))
