@@ -1,6 +1,6 @@
 """Serving benchmark: attune's endpoint (Ray Serve + ray.serve.llm + vLLM) vs vLLM's own server.
 
-    .venv/bin/python bench/serve.py [--rounds 2] [--requests 200] [--sides ...]
+    .venv/bin/python bench/serve.py [--rounds 2] [--requests 200] [--sides ...] [--session own|shared]
 
 Same machine, same run, same fine-tuned tiny model, same request mix: streaming chat requests
 with a fixed output of 64 tokens (ignore_eos) at concurrency 1, 8 and 32 (`--requests` at 1,
@@ -208,8 +208,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     attune_sides = [name for name in args.sides if name in SIDES]
-    compared = [f"attune_{name}" for name in attune_sides] + [
-        name for name in args.sides if name == VLLM_POLL_SLEEP]
+    with_plugin = VLLM_POLL_SLEEP in args.sides
+    compared = [f"attune_{name}" for name in attune_sides]
+    compared += [VLLM_POLL_SLEEP] if with_plugin else []
     vllm_runs = [bench_vllm(entry, args.requests, questions, own_session)]
     for _ in range(args.rounds):
         turn = {}
@@ -218,7 +219,7 @@ def main() -> None:
         for name in attune_sides:
             turn[f"attune_{name}"] = bench_attune(entry, args.requests, questions, own_session,
                                                   **SIDES[name])
-        if VLLM_POLL_SLEEP in args.sides:
+        if with_plugin:
             turn[VLLM_POLL_SLEEP] = bench_vllm(entry, args.requests, questions, own_session,
                                                poll_sleep=True)
         vllm_runs.append(bench_vllm(entry, args.requests, questions, own_session))
