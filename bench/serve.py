@@ -7,9 +7,9 @@ with a fixed output of 64 tokens (ignore_eos) at concurrency 1, 8 and 32 (`--req
 25 times the concurrency above it, so that every level streams for tens of seconds). Reports
 output tokens/s, TTFT and inter-token latency (p50/p99), and attune/vLLM ratios, in
 bench/results/serve.json, for attune's default app (stream batching 0 ms; 20 ms on request), for
-its direct-streaming mode, and for vLLM's server with attune's vLLM plugin on (its engines wait
-for their worker without spinning, as attune's do on CPU), which tells that fix's share of
-attune's figures from the rest of its stack's.
+its direct-streaming mode, and for vLLM's server with attune's vLLM plugin on as attune's app
+sets it on CPU (the model in the engine process on a node of 2 CPUs, no spinning waits beside a
+worker), which tells the plugin's share of attune's figures from the rest of its stack's.
 
 The machine is shared and its speed drifts by tens of percent within minutes, so the servers
 take turns: vLLM, every attune configuration, vLLM with the plugin, vLLM again, ... ending with
@@ -45,10 +45,9 @@ LOGS = Path(tempfile.gettempdir()) / "attune-bench-serve"  # each server's outpu
 SIDES = {"batching_0ms": {"batching_ms": 0}, "batching_20ms": {"batching_ms": 20},
          "direct_streaming": {"direct": True}}
 DEFAULT_SIDES = ["direct_streaming", "batching_0ms"]
-# vLLM's own server with attune's vLLM plugin switched on (engines sleep between looks at their
-# worker's queue instead of spinning, as attune's engines on CPU do): what of attune's figures
-# is that fix and what is the rest of its stack.
-VLLM_POLL_SLEEP = "vllm_poll_sleep"
+# vLLM's own server with attune's vLLM plugin switched on as attune's app does on CPU: what of
+# attune's figures is the plugin and what is the rest of its stack.
+VLLM_PLUGIN = "vllm_attune_plugin"
 
 
 def requests_at(concurrency: int, requests: int) -> int:
@@ -112,15 +111,16 @@ def wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 600
 
 
 def bench_vllm(entry: str, requests: int, questions, own_session: bool,
-               poll_sleep: bool = False) -> dict:
+               plugin: bool = False) -> dict:
     from attune.serve.app import CPU_POLL_SLEEP_US
-    from attune.serve.vllm_plugin import POLL_SLEEP_ENV
+    from attune.serve.vllm_plugin import CPU_EXECUTOR_ENV, POLL_SLEEP_ENV
 
     port = 8031
-    # attune's plugin is installed beside vLLM; without the variable it leaves vLLM as it is
+    # attune's plugin is installed beside vLLM; without its variables it leaves vLLM as it is
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",
-           POLL_SLEEP_ENV: str(CPU_POLL_SLEEP_US) if poll_sleep else ""}
-    log = LOGS / f"vllm{'-poll-sleep' if poll_sleep else ''}.log"
+           CPU_EXECUTOR_ENV: "auto" if plugin else "",
+           POLL_SLEEP_ENV: str(CPU_POLL_SLEEP_US) if plugin else ""}
+    log = LOGS / f"vllm{'-attune-plugin' if plugin else ''}.log"
     server = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", entry,
          "--served-model-name", "tiny-full", "--port", str(port), "--max-model-len", "512",
@@ -179,8 +179,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="turns of every side, then vLLM")
     parser.add_argument("--requests", type=int, default=200,
                         help="requests at concurrency 1; 25 x the concurrency above it")
-    parser.add_argument("--sides", nargs="+", choices=[*SIDES, VLLM_POLL_SLEEP],
-                        default=[*DEFAULT_SIDES, VLLM_POLL_SLEEP],
+    parser.add_argument("--sides", nargs="+", choices=[*SIDES, VLLM_PLUGIN],
+                        default=[*DEFAULT_SIDES, VLLM_PLUGIN],
                         help="attune's configurations to measure, and vLLM's server with attune's "
                         "plugin (plain vLLM is always the baseline)")
     parser.add_argument("--session", choices=["own", "shared"], default="own",
@@ -208,9 +208,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     attune_sides = [name for name in args.sides if name in SIDES]
-    with_plugin = VLLM_POLL_SLEEP in args.sides
+    with_plugin = VLLM_PLUGIN in args.sides
     compared = [f"attune_{name}" for name in attune_sides]
-    compared += [VLLM_POLL_SLEEP] if with_plugin else []
+    compared += [VLLM_PLUGIN] if with_plugin else []
     vllm_runs = [bench_vllm(entry, args.requests, questions, own_session)]
     for _ in range(args.rounds):
         turn = {}
@@ -220,8 +220,8 @@ def main() -> None:
             turn[f"attune_{name}"] = bench_attune(entry, args.requests, questions, own_session,
                                                   **SIDES[name])
         if with_plugin:
-            turn[VLLM_POLL_SLEEP] = bench_vllm(entry, args.requests, questions, own_session,
-                                               poll_sleep=True)
+            turn[VLLM_PLUGIN] = bench_vllm(entry, args.requests, questions, own_session,
+                                           plugin=True)
         vllm_runs.append(bench_vllm(entry, args.requests, questions, own_session))
         turn["vllm_before"], turn["vllm_after"] = vllm_runs[-2:]
         baseline = mean_by_level(vllm_runs[-2:])

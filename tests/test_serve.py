@@ -197,7 +197,7 @@ def test_engines_run_at_normal_priority_in_attunes_own_ray(served_endpoint):
     for name in replicas:
         actor = ray.get_actor(name, namespace="serve")
         process = psutil.Process(ray.get(actor.__ray_call__.remote(lambda _: os.getpid())))
-        engine = process.children(recursive=True)  # vLLM's EngineCore and its worker
+        engine = process.children(recursive=True)  # vLLM's EngineCore (and worker, if any)
         assert engine, f"{name} has no engine processes"
         niceness = [(p.name(), p.nice()) for p in [process, *engine]]
         assert all(nice == 0 for _, nice in niceness), niceness
@@ -205,6 +205,26 @@ def test_engines_run_at_normal_priority_in_attunes_own_ray(served_endpoint):
     controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
     environ = psutil.Process(ray.get(controller.__ray_call__.remote(lambda _: os.getpid()))).environ()
     assert environ.get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S") == "0.5"
+
+
+def test_on_a_node_of_two_cpus_the_model_runs_in_the_engine_process(served_endpoint):
+    """engine.cpu_executor 'auto': vLLM's 'uni' executor where its CPU worker would compute on a
+    single core; with more CPUs, vLLM's worker process of its own."""
+    import os
+
+    import psutil
+    import ray
+
+    in_engine = len(os.sched_getaffinity(0)) <= 2  # this node is the cluster's only one
+    replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == "serve" and "LLMServer" in a["name"]]
+    assert replicas, "no model server replica found"
+    for name in replicas:
+        actor = ray.get_actor(name, namespace="serve")
+        process = psutil.Process(ray.get(actor.__ray_call__.remote(lambda _: os.getpid())))
+        names = [p.name() for p in process.children(recursive=True)]
+        assert any(n.startswith("VLLM::EngineCor") for n in names), names
+        assert any("Worker" in n for n in names) != in_engine, names
 
 
 def test_killed_replica_is_replaced_and_endpoint_answers_again(served_endpoint):

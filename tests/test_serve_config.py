@@ -20,6 +20,7 @@ TINY = {"id": "tiny-llama", "name_or_path": "attune:tiny-llama"}
     ({"base_models": [TINY], "lora_store": "s3://b/adapters", "direct_streaming": True},
      "direct_streaming"),
     ({"base_models": [TINY], "engine": {"poll_sleep_us": -1}}, "engine.poll_sleep_us"),
+    ({"base_models": [TINY], "engine": {"cpu_executor": "ray"}}, "engine.cpu_executor"),
 ])
 def test_bad_serving_configs_name_the_key(args, message):
     with pytest.raises(RecipeError, match=message):
@@ -121,6 +122,50 @@ def test_engines_on_cpu_wait_for_their_worker_without_spinning(args, sleep_us):
     config = validate(ServeConfig, {"base_models": [TINY], **args}, "args")
     env = _llm_config("tiny-full", "/models/tiny-full", config, lora=False).runtime_env["env_vars"]
     assert env.get(POLL_SLEEP_ENV) == sleep_us
+
+
+@pytest.mark.parametrize("args, executor", [
+    ({}, "auto"), ({"engine": {"cpu_executor": "mp"}}, "mp"), ({"accelerator": "gpu"}, None)])
+def test_engines_on_cpu_are_told_where_to_run_the_model(args, executor):
+    from attune.serve.app import _llm_config
+    from attune.serve.vllm_plugin import CPU_EXECUTOR_ENV
+
+    config = validate(ServeConfig, {"base_models": [TINY], **args}, "args")
+    env = _llm_config("tiny-full", "/models/tiny-full", config, lora=False).runtime_env["env_vars"]
+    assert env.get(CPU_EXECUTOR_ENV) == executor
+
+
+@pytest.mark.parametrize("value, cpus, asked, backend", [
+    ("auto", 2, None, "uni"), ("auto", 2, "mp", "uni"), ("auto", 8, "mp", "mp"),
+    ("uni", 8, "mp", "uni"), ("mp", 2, "mp", "mp"), ("", 2, None, "mp")])
+def test_the_plugin_keeps_the_model_in_the_engine_process_where_asked(tiny_base, value, cpus,
+                                                                      asked, backend):
+    """vLLM's own engine config, made as a server makes it (`vllm serve` asks for no executor,
+    Ray Serve LLM for 'mp'), in a fresh process with the plugin loaded by vLLM and a node of
+    `cpus` CPUs: vLLM's CPU platform alone always says 'mp'."""
+    import os
+    import subprocess
+    import sys
+
+    from attune.serve.vllm_plugin import CPU_EXECUTOR_ENV
+
+    code = ("import os; os.sched_getaffinity = lambda pid: set(range(%d)); "
+            "from vllm.engine.arg_utils import EngineArgs; "
+            "config = EngineArgs(model=%r, max_model_len=256, distributed_executor_backend=%r)"
+            ".create_engine_config(); "
+            "print(config.parallel_config.distributed_executor_backend)" % (cpus, tiny_base, asked))
+    done = subprocess.run([sys.executable, "-c", code],
+                          env={**os.environ, CPU_EXECUTOR_ENV: value, "VLLM_CPU_KVCACHE_SPACE": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == backend
+
+
+def test_a_bad_cpu_executor_in_the_environment_names_the_variable():
+    from attune.serve.vllm_plugin import CPU_EXECUTOR_ENV, cpu_executor
+
+    with pytest.raises(ValueError, match=f"{CPU_EXECUTOR_ENV}='ray': expected one of auto, uni, mp"):
+        cpu_executor("ray")
 
 
 @pytest.mark.parametrize("value, waits_with", [("20", "sleep_instead_of_spinning"),

@@ -39,9 +39,10 @@ def direct_head():
 @pytest.fixture(scope="module")
 def direct_endpoint(tiny_full_entry, tmp_path_factory, direct_head):
     """`attune serve` on that cluster, room for 2 requests at work and 2 waiting, so that a
-    burst meets the queue's limit."""
+    burst meets the queue's limit; the model in a worker process of its own, vLLM's way on CPU
+    (the default app, in test_serve, runs it in the engine process)."""
     config = {"base_models": [{"id": "tiny-full", "name_or_path": tiny_full_entry}],
-              "direct_streaming": True,
+              "direct_streaming": True, "engine": {"cpu_executor": "mp"},
               "max_ongoing_requests": 2, "max_queued_requests": 2}
     folder = tmp_path_factory.mktemp("direct")
     (folder / "serve.yaml").write_text(yaml.safe_dump(config))
@@ -112,8 +113,9 @@ def test_direct_endpoint_serves_vllms_engine_metrics_behind_the_key(direct_endpo
 
 
 def test_direct_engine_waits_for_its_worker_without_spinning(direct_endpoint, direct_head):
-    """attune's vLLM plugin is on in the engine core and the model worker (CPU): their own log
-    lines, which Ray keeps with the replica's worker logs, say so."""
+    """With the model in a worker process (engine.cpu_executor: mp), attune's vLLM plugin is on
+    in the engine core and the worker: their own log lines, which Ray keeps with the replica's
+    worker logs, say so."""
     logs = Path(direct_head.temp_dir).glob("session_*/logs/worker-*")
     said = {line.split(" pid=")[0] for log in logs
             for line in log.read_text(errors="replace").splitlines()

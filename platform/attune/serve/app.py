@@ -21,7 +21,7 @@ from attune.serve.ingress import Ingress, RetryAfterMiddleware, add_openai_error
 from attune.serve.entries import check_servable, promote_adapter, read_entry
 from attune.serve.node_init import SkipDownloadForLocalModels
 from attune.serve.server import LLMServer
-from attune.serve.vllm_plugin import POLL_SLEEP_ENV
+from attune.serve.vllm_plugin import CPU_EXECUTOR_ENV, POLL_SLEEP_ENV
 
 # Ray Serve settings each replica reads from its environment, so the runtime_env of both
 # deployments carries them (local Ray, `serve run`, a RayService alike). On a few cores every
@@ -91,6 +91,7 @@ def _llm_config(model_id: str, source: str, config: ServeConfig, lora: bool) -> 
         kwargs["accelerator_config"] = {"kind": "cpu"}
         kwargs["runtime_env"]["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] = str(e.cpu_kvcache_gib)
         kwargs["runtime_env"]["env_vars"] |= CPU_COMPILE_ENV
+        kwargs["runtime_env"]["env_vars"][CPU_EXECUTOR_ENV] = e.cpu_executor  # attune's plugin
     if lora:
         base = next(s for s in config.base_models if s.id == model_id)
         kwargs["lora_config"] = {"dynamic_lora_loading_path": _store_for(config, base),

@@ -45,11 +45,17 @@ class EngineConfig(_Strict):
         "from every node's Ray metrics port. None: on, except with direct_streaming, whose "
         "endpoint serves vLLM's own /metrics as `vllm serve` does; Ray's export costs its "
         "dashboard agent about 3% of a core under load.")
+    cpu_executor: Literal["auto", "uni", "mp"] = Field(
+        "auto", description="Where the model runs on cpu: 'uni' in vLLM's engine process, 'mp' "
+        "in a worker process of its own bound to the node's CPUs but one (vLLM's only way on "
+        "CPU). 'auto': uni on nodes of at most 2 CPUs, where that worker computes on one core "
+        "and only adds two hand-offs per step; mp otherwise. Ignored on gpu, where vLLM itself "
+        "runs a one-GPU model in the engine process.")
     poll_sleep_us: float | None = Field(
         None, ge=0, description="Microseconds a vLLM engine process sleeps between looks at its "
-        "model worker's queue, instead of vLLM's spin (sched_yield), which on a few CPU cores "
-        "starves the engine's other threads of the GIL: tokens reach clients in bursts. None: "
-        "20 on cpu, vLLM's spin on gpu; 0: vLLM's spin.")
+        "model worker's queue (executor mp), instead of vLLM's spin (sched_yield), which on a "
+        "few CPU cores starves the engine's other threads of the GIL: tokens reach clients in "
+        "bursts. None: 20 on cpu, vLLM's spin on gpu; 0: vLLM's spin.")
     extra: dict = Field(default_factory=dict, description="More vLLM engine arguments, verbatim.")
 
 

@@ -1,18 +1,23 @@
-"""attune's vLLM plugin (entry point `vllm.general_plugins`): engines that wait without spinning.
-
-vLLM's engine process waits for its model worker on a shared-memory queue by spinning: check,
-os.sched_yield(), check again, for a second after every result. The call releases Python's GIL
-only for its own instant, so on a machine with a few cores the engine's other Python threads,
-the ones that take requests in and send tokens out, rarely win the GIL while a request runs:
-tokens reached clients in bursts, often all of a request's at its end, `vllm serve` alike. The
-worker waits for the next step the same way and keeps its core busy, while the engine and the
-HTTP server need that core too. It shows most when the server runs in a session of its own
-(Linux shares the CPU between sessions first). Sleeping a few microseconds instead blocks for
-real: the GIL and the core go to whoever waits (README: Serving, and its benchmark).
+"""attune's vLLM plugin (entry point `vllm.general_plugins`): CPU engines tuned for few cores.
 
 vLLM loads every installed general plugin in each of its processes, so this one acts only where
-the serving app asked for it: ATTUNE_VLLM_POLL_SLEEP_US in the engine's environment
-(`engine.poll_sleep_us`). Without it, `vllm serve` in the same environment stays plain vLLM.
+the serving app asked for it, through the engine's environment. Without those variables, a
+`vllm serve` in the same environment stays plain vLLM.
+
+ATTUNE_VLLM_CPU_EXECUTOR (`engine.cpu_executor`): where the model runs on CPU. vLLM asks for its
+in-process executor ('uni', what it uses for one GPU), but its CPU platform always replaces it
+with a worker process of its own ('mp'), bound to the node's cores but one, which it keeps for
+the engine process. On a node of two CPUs that worker computes on one core, as the engine process
+would, and costs two hand-offs through a shared-memory queue per step; 'auto' keeps vLLM's 'uni'
+there (README: Serving, and its benchmark).
+
+ATTUNE_VLLM_POLL_SLEEP_US (`engine.poll_sleep_us`): with a worker process, the engine waits for it
+on that queue by spinning: check, os.sched_yield(), check again, for a second after every result.
+The call releases Python's GIL only for its own instant, so on a few cores the engine's other
+threads, the ones that take requests in and send tokens out, rarely win the GIL while a request
+runs: tokens reached clients in bursts, often all of a request's at its end, `vllm serve` alike.
+The worker waits for the next step the same way and keeps its core busy. Sleeping a few
+microseconds instead blocks for real: the GIL and the core go to whoever waits.
 """
 
 from __future__ import annotations
@@ -21,7 +26,12 @@ import logging
 import os
 import time
 
+CPU_EXECUTOR_ENV = "ATTUNE_VLLM_CPU_EXECUTOR"
+CPU_EXECUTORS = ("auto", "uni", "mp")
 POLL_SLEEP_ENV = "ATTUNE_VLLM_POLL_SLEEP_US"
+
+# vLLM's CPU worker gets the node's CPUs but one; with this many or fewer it computes on one.
+AUTO_UNI_MAX_CPUS = 2
 
 # Under vLLM's logger, so that the line lands beside the engine's own in its process's output.
 logger = logging.getLogger("vllm.plugins.attune")
@@ -29,6 +39,36 @@ logger = logging.getLogger("vllm.plugins.attune")
 
 def register() -> None:
     """vLLM calls this in each of its processes (API server, engine core, workers)."""
+    _keep_the_model_in_the_engine_process()
+    _wait_without_spinning()
+
+
+def _keep_the_model_in_the_engine_process() -> None:
+    executor = cpu_executor(os.environ.get(CPU_EXECUTOR_ENV))
+    if executor in ("", "mp"):
+        return
+    from vllm.platforms import cpu
+
+    platform_check = cpu.CpuPlatform.check_and_update_config.__func__
+
+    # Called where the engine's config is made (the API server, Serve's replica); a no-op on GPUs,
+    # whose platform class is another. Ray Serve LLM asks for 'mp' on CPU itself, as the only
+    # executor vLLM's CPU platform allows; a model on several workers keeps it.
+    def check_and_update_config(cls, vllm_config) -> None:
+        platform_check(cls, vllm_config)
+        parallel = vllm_config.parallel_config
+        cpus = len(os.sched_getaffinity(0))
+        if (parallel.distributed_executor_backend == "mp" and parallel.world_size == 1
+                and parallel.data_parallel_size == 1
+                and (executor == "uni" or cpus <= AUTO_UNI_MAX_CPUS)):
+            parallel.distributed_executor_backend = "uni"
+            logger.info("attune: the model runs in vLLM's engine process, executor 'uni' "
+                        "(%s=%s, %d CPUs)", CPU_EXECUTOR_ENV, executor, cpus)
+
+    cpu.CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+
+
+def _wait_without_spinning() -> None:
     sleep_us = poll_sleep_us(os.environ.get(POLL_SLEEP_ENV))
     if not sleep_us:
         return
@@ -47,6 +87,13 @@ def register() -> None:
     shm_broadcast.sched_yield = sleep_instead_of_spinning
     logger.info("attune: vLLM's shared-memory queue waits sleep %g us instead of spinning "
                 "(%s)", sleep_us, POLL_SLEEP_ENV)
+
+
+def cpu_executor(value: str | None) -> str:
+    """The variable's executor; unset or empty is '' (vLLM's own choice)."""
+    if value and value not in CPU_EXECUTORS:
+        raise ValueError(f"{CPU_EXECUTOR_ENV}={value!r}: expected one of {', '.join(CPU_EXECUTORS)}")
+    return value or ""
 
 
 def poll_sleep_us(value: str | None) -> float:
