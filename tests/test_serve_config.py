@@ -153,12 +153,15 @@ def test_the_plugin_keeps_the_model_in_the_engine_process_where_asked(tiny_base,
             "from vllm.engine.arg_utils import EngineArgs; "
             "config = EngineArgs(model=%r, max_model_len=256, distributed_executor_backend=%r)"
             ".create_engine_config(); "
-            "print(config.parallel_config.distributed_executor_backend)" % (cpus, tiny_base, asked))
+            "print(config.parallel_config.distributed_executor_backend, "
+            "os.environ.get('OMP_NUM_THREADS'))" % (cpus, tiny_base, asked))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     done = subprocess.run([sys.executable, "-c", code],
-                          env={**os.environ, CPU_EXECUTOR_ENV: value, "VLLM_CPU_KVCACHE_SPACE": "1"},
+                          env={**env, CPU_EXECUTOR_ENV: value, "VLLM_CPU_KVCACHE_SPACE": "1"},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[-1] == backend
+    # the engine process, started from here, computes on one thread where it runs the model
+    assert done.stdout.split()[-2:] == [backend, "1" if backend == "uni" else "None"]
 
 
 def test_a_bad_cpu_executor_in_the_environment_names_the_variable():

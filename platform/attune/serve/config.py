@@ -49,7 +49,8 @@ class EngineConfig(_Strict):
         "auto", description="Where the model runs on cpu: 'uni' in vLLM's engine process, 'mp' "
         "in a worker process of its own bound to the node's CPUs but one (vLLM's only way on "
         "CPU). 'auto': uni on nodes of at most 2 CPUs, where that worker computes on one core "
-        "and only adds two hand-offs per step; mp otherwise. Ignored on gpu, where vLLM itself "
+        "and only adds two hand-offs per step; mp otherwise. uni computes on one thread, "
+        "as the worker did (OMP_NUM_THREADS=1 unless set). Ignored on gpu, where vLLM itself "
         "runs a one-GPU model in the engine process.")
     poll_sleep_us: float | None = Field(
         None, ge=0, description="Microseconds a vLLM engine process sleeps between looks at its "
