@@ -182,6 +182,21 @@ def test_overload_beyond_the_queue_is_refused_not_queued(served_endpoint):
     assert all("backpressure" in b["error"]["message"] for _, b in refused), refused[0][1]
 
 
+def model_server_processes() -> dict:
+    """The processes of the app's model server replicas (LLMServer), by replica name."""
+    import os
+
+    import psutil
+    import ray
+
+    replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == "serve" and "LLMServer" in a["name"]]
+    assert replicas, "no model server replica found"
+    pids = {name: ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(
+        lambda _: os.getpid())) for name in replicas}
+    return {name: psutil.Process(pid) for name, pid in pids.items()}
+
+
 def test_engines_run_at_normal_priority_in_attunes_own_ray(served_endpoint):
     """Ray starts workers at nice 15; in the Ray attune starts for itself the model servers and
     their vLLM engine processes run at 0, as `vllm serve` does, and Serve's controller loop runs
@@ -191,12 +206,7 @@ def test_engines_run_at_normal_priority_in_attunes_own_ray(served_endpoint):
     import psutil
     import ray
 
-    replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["namespace"] == "serve" and "LLMServer" in a["name"]]
-    assert replicas, "no model server replica found"
-    for name in replicas:
-        actor = ray.get_actor(name, namespace="serve")
-        process = psutil.Process(ray.get(actor.__ray_call__.remote(lambda _: os.getpid())))
+    for name, process in model_server_processes().items():
         engine = process.children(recursive=True)  # vLLM's EngineCore (and worker, if any)
         assert engine, f"{name} has no engine processes"
         niceness = [(p.name(), p.nice()) for p in [process, *engine]]
@@ -212,16 +222,8 @@ def test_on_a_node_of_two_cpus_the_model_runs_in_the_engine_process(served_endpo
     single core; with more CPUs, vLLM's worker process of its own."""
     import os
 
-    import psutil
-    import ray
-
     in_engine = len(os.sched_getaffinity(0)) <= 2  # this node is the cluster's only one
-    replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["namespace"] == "serve" and "LLMServer" in a["name"]]
-    assert replicas, "no model server replica found"
-    for name in replicas:
-        actor = ray.get_actor(name, namespace="serve")
-        process = psutil.Process(ray.get(actor.__ray_call__.remote(lambda _: os.getpid())))
+    for process in model_server_processes().values():
         names = [p.name() for p in process.children(recursive=True)]
         assert any(n.startswith("VLLM::EngineCor") for n in names), names
         assert any("Worker" in n for n in names) != in_engine, names
