@@ -40,9 +40,11 @@ CONCURRENCY = (1, 8, 32)
 KEY = "bench-key"
 LOGS = Path(tempfile.gettempdir()) / "attune-bench-serve"  # each server's output
 # attune's configurations: the default app with stream batching off (attune's default) and at
-# 20 ms, and direct streaming (one model, vLLM's server as the ingress behind HAProxy), which
-# skips attune's ingress replica and Serve's Python proxy.
+# 20 ms, the default app behind Serve's Python proxy instead of HAProxy (what a Ray cluster
+# started without RAY_SERVE_ENABLE_HA_PROXY=1 runs), and direct streaming (one model, vLLM's
+# server as the ingress behind HAProxy), which also skips attune's ingress replica.
 SIDES = {"batching_0ms": {"batching_ms": 0}, "batching_20ms": {"batching_ms": 20},
+         "python_proxy": {"env": {"RAY_SERVE_ENABLE_HA_PROXY": "0"}},
          "direct_streaming": {"direct": True}}
 DEFAULT_SIDES = ["direct_streaming", "batching_0ms"]
 # vLLM's own server with attune's vLLM plugin switched on as attune's app does on CPU: what of
@@ -135,7 +137,7 @@ def bench_vllm(entry: str, requests: int, questions, own_session: bool,
 
 
 def bench_attune(entry: str, requests: int, questions, own_session: bool,
-                 batching_ms: float = 0, direct: bool = False) -> dict:
+                 batching_ms: float = 0, direct: bool = False, env: dict | None = None) -> dict:
     # One engine, as on the vLLM side: the fine-tuned entry served as a model of its own. Like
     # vLLM's, the server runs apart from this client (`attune serve`, output to a file), so
     # neither side's logging lands in the process that measures.
@@ -146,10 +148,12 @@ def bench_attune(entry: str, requests: int, questions, own_session: bool,
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         yaml.safe_dump(config, f)
         f.flush()
-        log = LOGS / f"attune-{'direct' if direct else f'batching-{batching_ms:g}ms'}.log"
+        name = "direct" if direct else f"batching-{batching_ms:g}ms{'-' if env else ''}" + \
+            "-".join(f"{k}={v}" for k, v in (env or {}).items())
+        log = LOGS / f"attune-{name}.log"
         server = subprocess.Popen(
             [sys.executable, "-m", "attune", "serve", f.name, "--port", str(port)],
-            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=own_session,
+            env={**os.environ, **(env or {})}, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=own_session,
             # Ctrl-C stops it below, also when this script runs in the background (nohup, &),
             # whose children inherit an ignored SIGINT
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

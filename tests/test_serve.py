@@ -184,17 +184,44 @@ def test_overload_beyond_the_queue_is_refused_not_queued(served_endpoint):
 
 def model_server_processes() -> dict:
     """The processes of the app's model server replicas (LLMServer), by replica name."""
+    return replica_processes("LLMServer")
+
+
+def replica_processes(deployment: str) -> dict:
+    """The processes of the app's replicas of one deployment, by replica name."""
     import os
 
     import psutil
     import ray
 
     replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["namespace"] == "serve" and "LLMServer" in a["name"]]
-    assert replicas, "no model server replica found"
+                if a["namespace"] == "serve" and f"#{deployment}" in a["name"]]
+    assert replicas, f"no {deployment} replica found"
     pids = {name: ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(
         lambda _: os.getpid())) for name in replicas}
     return {name: psutil.Process(pid) for name, pid in pids.items()}
+
+
+def test_haproxy_hands_requests_to_the_ingress_replica_on_loopback(served_endpoint):
+    """In attune's own Ray, Serve's HAProxy holds the endpoint's port, not Serve's Python proxy,
+    and the ingress replica answers HTTP itself (attune.trainer.embedded_cluster_env): on the
+    endpoint's loopback host only, as the endpoint does, so no port of the app is open beyond
+    the machine."""
+    from urllib.parse import urlparse
+
+    import psutil
+    from ray.serve._private.constants import (RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT,
+                                              RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT)
+
+    port = urlparse(served_endpoint.base_url).port
+    (endpoint,) = [c for c in psutil.net_connections("tcp")
+                   if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert psutil.Process(endpoint.pid).name() == "haproxy"
+    (ingress,) = replica_processes("Ingress").values()
+    http = [c.laddr for c in ingress.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+            and RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT <= c.laddr.port
+            < RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT]
+    assert [a.ip for a in http] == ["127.0.0.1"], http
 
 
 def test_engines_run_at_normal_priority_in_attunes_own_ray(served_endpoint):

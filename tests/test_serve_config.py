@@ -33,7 +33,8 @@ def test_one_model_may_be_served_directly():
 
 
 def test_building_a_direct_app_without_the_ha_proxy_says_what_to_set():
-    """In a process (and Ray) started without RAY_SERVE_ENABLE_HA_PROXY=1, as pytest is."""
+    """In a process started without RAY_SERVE_ENABLE_HA_PROXY=1, as pytest is (its embedded Ray
+    has it, from attune.trainer.embedded_cluster_env, but only while that Ray starts)."""
     from attune.serve import build_app
 
     with pytest.raises(RuntimeError, match="RAY_SERVE_ENABLE_HA_PROXY=1"):
@@ -97,19 +98,24 @@ def test_attunes_own_ray_runs_workers_at_normal_priority_and_fits_serve_to_the_c
     from attune.trainer import embedded_cluster_env
 
     for name in ("RAY_worker_niceness", "RAY_SERVE_HAPROXY_NBTHREAD",
-                 "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"):
+                 "RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "RAY_SERVE_ENABLE_HA_PROXY",
+                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
         monkeypatch.delenv(name, raising=False)
     env = embedded_cluster_env("http://127.0.0.1:8265", cores=2)
     assert env == {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:8265", "RAY_worker_niceness": "0",
-                   "RAY_SERVE_HAPROXY_NBTHREAD": "1", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
+                   "RAY_SERVE_HAPROXY_NBTHREAD": "1", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+                   "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                   "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
     assert embedded_cluster_env("u", cores=64)["RAY_SERVE_HAPROXY_NBTHREAD"] == "4"  # Ray's default
     monkeypatch.setenv("RAY_worker_niceness", "10")  # the user's own settings win
     monkeypatch.setenv("RAY_SERVE_HAPROXY_NBTHREAD", "3")
     monkeypatch.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.1")
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # Serve's Python proxy, if one insists
     user_set = embedded_cluster_env("u", cores=2)
     assert user_set["RAY_worker_niceness"] == "10"
     assert user_set["RAY_SERVE_HAPROXY_NBTHREAD"] == "3"
     assert user_set["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"
+    assert user_set["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
 
 
 @pytest.mark.parametrize("args, sleep_us", [

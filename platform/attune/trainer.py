@@ -26,6 +26,7 @@ from ray.train.torch import TorchTrainer
 
 from attune import data, modeling, registry
 from attune.config import Recipe
+from attune.serve.config import HA_PROXY_ENV
 
 # Where the State API looks first for a cluster's dashboard (ray.dashboard.utils).
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
@@ -85,11 +86,22 @@ def embedded_cluster_env(dashboard_url: str, cores: int | None = None) -> dict[s
       of a core here while nothing changes; at 0.5 s it takes 1.6% (CPU-s of every process over
       20 s idle and under load), and replacing a dead replica or scaling reacts 0.4 s later at
       most.
+    RAY_SERVE_ENABLE_HA_PROXY: HAProxy instead of Serve's Python proxy in front of the app's
+      ingress replicas, which then answer HTTP themselves: one Python process fewer on every
+      streamed token. The default app on 2 cores: 1.44x the tokens/s at concurrency 1 and 1.42x
+      at 32, first tokens 10 and 155 ms sooner, 0.67x the CPU-s for the same requests (one A/B).
+      Direct streaming needs it.
+    RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S: an ingress replica behind HAProxy stays up
+      30 s after it is told to stop, for outside load balancers to take it out; here only the
+      node's own HAProxy sends it requests, and that one retries a refused connection. 2 s keeps
+      a Ctrl-C or a redeploy from waiting the 30.
     """
     cores = cores or os.cpu_count() or 1
     defaults = {"RAY_worker_niceness": "0",
                 "RAY_SERVE_HAPROXY_NBTHREAD": str(max(1, min(4, cores // 2))),
-                "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
+                "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+                HA_PROXY_ENV: "1",
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
     return {API_SERVER_ENV: dashboard_url,
             **{name: os.environ.get(name, value) for name, value in defaults.items()}}
 
