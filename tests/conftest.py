@@ -187,8 +187,11 @@ def stop_group(proc, sig: int, timeout: float) -> None:
 
 @pytest.fixture(scope="session")
 def ray_head(attune_home):
-    """A `ray start --head` cluster with token auth (as KubeRay's); yields its dashboard address."""
-    with ray_start_head(RAY_AUTH_MODE="token") as head:
+    """A `ray start --head` cluster with token auth and Serve's HAProxy (as the RayService's
+    pods); yields its dashboard address. Its ingress replicas drain for 2 s, not Ray's 30, when
+    Serve shuts down: no outside load balancer here to wait for."""
+    with ray_start_head(RAY_AUTH_MODE="token", RAY_SERVE_ENABLE_HA_PROXY="1",
+                        RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="2") as head:
         yield head.dashboard
 
 

@@ -62,6 +62,7 @@ def test_cpu_rayservice_serve_config_deploys_and_answers(ray_head, tiny_full_ent
     try:
         assert deployed.returncode == 0, deployed.stderr[-2000:]
         _assert_answers(port)
+        _assert_chat_page(port)
     finally:  # the head is shared with the RayJob tests: give its CPUs back
         subprocess.run([str(serve_bin), "shutdown", "--address", ray_head, "-y"], env=env,
                        capture_output=True, timeout=300)
@@ -84,3 +85,17 @@ def _assert_answers(port: int) -> None:
             time.sleep(5)
     assert reply is not None, "the deployed app never answered"
     assert reply["choices"][0]["message"]["content"].strip() == answer
+
+
+def _assert_chat_page(port: int) -> None:
+    """The chat page, the config's other application, behind the same port (its route prefix)."""
+    deadline, page = time.time() + 300, None
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/chat/", timeout=60) as r:
+                page = r.read().decode()
+            break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):  # not deployed yet
+            time.sleep(5)
+    assert page is not None, "the chat page never answered"
+    assert "gradio" in page.lower()

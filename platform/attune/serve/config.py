@@ -91,8 +91,8 @@ class ServeConfig(_Strict):
                                      "are refused with 503 instead of queueing without bound.")
     direct_streaming: bool = Field(
         False, description="Serve one model with its vLLM server as the app's HTTP ingress "
-        "(Ray Serve's HAProxy ingress and direct streaming): tokens skip attune's ingress replica "
-        "and Serve's Python proxy. One model, no LoRA; the Ray cluster must be started with "
+        "(Ray Serve's HAProxy ingress and direct streaming): tokens skip attune's ingress "
+        "replica. One model, no LoRA; the Ray cluster must be started with "
         "RAY_SERVE_ENABLE_HA_PROXY=1 (`attune serve` does that for its embedded Ray).")
     access_log: bool = Field(False, description="Log a line per request in every replica; off "
                              "by default, as on a few cores the logging competes with serving.")
