@@ -159,7 +159,7 @@ def openai_app(configs: list[LLMConfig], config: ServeConfig) -> Application:
     options = Ingress.get_deployment_options(configs)
     # The ingress (a thin async router) admits several times what the models hold, so overload
     # is refused by a model's own queue: an OpenAI-shaped 503 that passes the middleware above
-    # and gets Retry-After. Only a far larger burst meets the ingress's own limit, where Serve answers.
+    # and gets Retry-After. Only a far larger burst meets the ingress's own limit.
     capacity = (config.max_ongoing_requests + config.max_queued_requests) * max(len(configs), 1)
     options["max_ongoing_requests"] = 4 * capacity
     options["max_queued_requests"] = 4 * capacity
