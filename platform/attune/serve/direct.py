@@ -7,8 +7,9 @@ In the default app (attune.serve.app) every streamed token travels engine -> LLM
 HAProxy) -> client, each replica a Python process on the same cores as the engine. Ray Serve
 2.60 can instead have HAProxy send each request straight to an LLMServer replica serving vLLM's
 FastAPI app (Ray's direct streaming): one Python hop fewer. attune puts the same API-key check,
-role check and Retry-After in front of that app. Ray's limits hold: one model, no LoRA, and the cluster started with RAY_SERVE_ENABLE_HA_PROXY=1
-(its controller and proxies read it once, at start).
+role check and Retry-After in front of that app. Ray's limits hold: one model, no LoRA, and the
+cluster started with RAY_SERVE_ENABLE_HA_PROXY=1 (its controller and proxies read it once, at
+start).
 """
 
 from __future__ import annotations
