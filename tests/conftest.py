@@ -136,9 +136,11 @@ def ray_start_head(**env_vars: str):
     ports = [f"--{flag}={_free_port()}" for flag in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    # and its HAProxy's and ingress replicas', where it runs them: so does the session's Ray
+    from attune.trainer import own_serve_ports
     ray_bin = Path(sys.executable).with_name("ray")
     # the venv's bin on PATH, so that job entrypoints find `python -m attune` and `attune`
-    env = {**os.environ, **env_vars,
+    env = {**os.environ, **own_serve_ports(), **env_vars,
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
            # its workers' State API (Train's PlacementGroupCleaner) would else read the default
            # temp dir's ray_current_cluster: another cluster's, or none (attune.trainer.ensure_ray)

@@ -99,13 +99,15 @@ def test_attunes_own_ray_runs_workers_at_normal_priority_and_fits_serve_to_the_c
 
     for name in ("RAY_worker_niceness", "RAY_SERVE_HAPROXY_NBTHREAD",
                  "RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "RAY_SERVE_ENABLE_HA_PROXY",
-                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
+                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "RAY_SERVE_HAPROXY_STATS_PORT"):
         monkeypatch.delenv(name, raising=False)
-    env = embedded_cluster_env("http://127.0.0.1:8265", cores=2)
+    env = embedded_cluster_env("http://127.0.0.1:8265", cores=2,
+                               serve_ports={"RAY_SERVE_HAPROXY_STATS_PORT": "41001"})
     assert env == {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:8265", "RAY_worker_niceness": "0",
                    "RAY_SERVE_HAPROXY_NBTHREAD": "1", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
                    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-                   "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+                   "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+                   "RAY_SERVE_HAPROXY_STATS_PORT": "41001"}
     assert embedded_cluster_env("u", cores=64)["RAY_SERVE_HAPROXY_NBTHREAD"] == "4"  # Ray's default
     monkeypatch.setenv("RAY_worker_niceness", "10")  # the user's own settings win
     monkeypatch.setenv("RAY_SERVE_HAPROXY_NBTHREAD", "3")
@@ -116,6 +118,31 @@ def test_attunes_own_ray_runs_workers_at_normal_priority_and_fits_serve_to_the_c
     assert user_set["RAY_SERVE_HAPROXY_NBTHREAD"] == "3"
     assert user_set["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"
     assert user_set["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+
+
+def test_each_cluster_of_attunes_gets_serve_ports_of_its_own():
+    """Ray's HAProxy stats and metrics ports, its fallback proxy's and its ingress replicas' port
+    ranges, from ports the system gave out as free, so two clusters on one machine do not meet;
+    and they are the variables this Ray reads."""
+    import inspect
+    from itertools import count
+
+    from ray.serve._private import constants
+
+    from attune.trainer import INGRESS_PORTS, own_serve_ports
+
+    ports = own_serve_ports(count(50000, 1000).__next__)
+    assert ports == {"RAY_SERVE_HAPROXY_STATS_PORT": "52000",
+                     "RAY_SERVE_HAPROXY_METRICS_PORT": "53000",
+                     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "54000",
+                     "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": "55000",
+                     "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "50000",
+                     "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(50000 + INGRESS_PORTS),
+                     "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": "51000",
+                     "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(51000 + INGRESS_PORTS)}
+    source = inspect.getsource(constants)
+    assert all(f'"{name}"' in source for name in ports)
+    assert own_serve_ports() != own_serve_ports()  # real free ports, a new set each time
 
 
 @pytest.mark.parametrize("args, sleep_us", [

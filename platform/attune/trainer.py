@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,12 +57,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # claim one while mostly waiting on each other.
         # address="local": a new cluster, never one that `ray start` left running on this machine.
         dashboard_port = _free_port()
-        with _set_for_ray_init(embedded_cluster_env(f"http://127.0.0.1:{dashboard_port}")):
+        env = embedded_cluster_env(f"http://127.0.0.1:{dashboard_port}", serve_ports=own_serve_ports())
+        with _set_for_ray_init(env):
             ray.init(address="local", num_cpus=num_cpus or max(6, 2 * (os.cpu_count() or 1)),
                      dashboard_port=dashboard_port, log_to_driver=True)
 
 
-def embedded_cluster_env(dashboard_url: str, cores: int | None = None) -> dict[str, str]:
+def embedded_cluster_env(dashboard_url: str, cores: int | None = None,
+                         serve_ports: dict[str, str] | None = None) -> dict[str, str]:
     """What the Ray that attune starts in-process (no RAY_ADDRESS) runs with: a whole cluster on
     the user's one machine, where its workers are the job. The raylet and every worker it starts
     read these from the environment of `ray.init`; the user's own niceness or thread count wins.
@@ -95,15 +98,42 @@ def embedded_cluster_env(dashboard_url: str, cores: int | None = None) -> dict[s
       30 s after it is told to stop, for outside load balancers to take it out; here only the
       node's own HAProxy sends it requests, and that one retries a refused connection. 2 s keeps
       a Ctrl-C or a redeploy from waiting the 30.
+    `serve_ports` (own_serve_ports): the ports of Serve's HAProxy and ingress replicas.
     """
     cores = cores or os.cpu_count() or 1
     defaults = {"RAY_worker_niceness": "0",
                 "RAY_SERVE_HAPROXY_NBTHREAD": str(max(1, min(4, cores // 2))),
                 "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
                 HA_PROXY_ENV: "1",
-                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+                **(serve_ports or {})}
     return {API_SERVER_ENV: dashboard_url,
             **{name: os.environ.get(name, value) for name, value in defaults.items()}}
+
+
+# Ingress replicas one node of a cluster may run, each with an HTTP and a gRPC port of its own.
+INGRESS_PORTS = 100
+
+
+def own_serve_ports(free_port: Callable[[], int] | None = None) -> dict[str, str]:
+    """Ports of Serve's HAProxy, its fallback proxy and the ingress replicas for a Ray cluster on
+    a machine that may run another (a second `attune serve`, a `ray start` cluster), each a port
+    the system just gave out as free. Ray's are fixed, and the tests saw two clusters meet on
+    them: HAProxy's stats and metrics on 8404 and 9101, which a second HAProxy cannot bind, so
+    it does not start at all; the fallback proxy that HAProxy sends a request to while no
+    ingress replica is up, on 8500 (HTTP) and 9500 (gRPC), where the second cluster's HAProxy
+    found the first cluster's proxy and answered with the first cluster's models. The ingress
+    replicas' ranges, from 30000 and 40000, are kept apart as well."""
+    free_port = free_port or _free_port
+    http, grpc = free_port(), free_port()
+    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + INGRESS_PORTS),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + INGRESS_PORTS)}
 
 
 @contextmanager
