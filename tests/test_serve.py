@@ -210,16 +210,17 @@ def test_haproxy_hands_requests_to_the_ingress_replica_on_loopback(served_endpoi
     from urllib.parse import urlparse
 
     import psutil
+    from ray.serve._private.constants import (RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT,
+                                              RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT)
 
     port = urlparse(served_endpoint.base_url).port
     (endpoint,) = [c for c in psutil.net_connections("tcp")
                    if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
     assert psutil.Process(endpoint.pid).name() == "haproxy"
     (ingress,) = replica_processes("Ingress").values()
-    environ = ingress.environ()  # the range of its cluster (attune.trainer.own_serve_ports)
-    first, last = (int(environ[f"RAY_SERVE_DIRECT_INGRESS_{end}_HTTP_PORT"]) for end in ("MIN", "MAX"))
-    http = [c.laddr for c in ingress.net_connections("tcp")
-            if c.status == psutil.CONN_LISTEN and first <= c.laddr.port < last]
+    http = [c.laddr for c in ingress.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+            and RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT <= c.laddr.port
+            < RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT]
     assert [a.ip for a in http] == ["127.0.0.1"], http
 
 

@@ -121,28 +121,24 @@ def test_attunes_own_ray_runs_workers_at_normal_priority_and_fits_serve_to_the_c
 
 
 def test_each_cluster_of_attunes_gets_serve_ports_of_its_own():
-    """Ray's HAProxy stats and metrics ports, its fallback proxy's and its ingress replicas' port
-    ranges, from ports the system gave out as free, so two clusters on one machine do not meet;
-    and they are the variables this Ray reads."""
+    """Ray's HAProxy stats and metrics ports and its fallback proxy's, free ones below the
+    ephemeral range, so two clusters on one machine do not meet; and they are the variables
+    this Ray reads."""
     import inspect
     from itertools import count
 
     from ray.serve._private import constants
 
-    from attune.trainer import INGRESS_PORTS, own_serve_ports
+    from attune.trainer import SPARE_PORTS, own_serve_ports
 
-    ports = own_serve_ports(count(50000, 1000).__next__)
-    assert ports == {"RAY_SERVE_HAPROXY_STATS_PORT": "52000",
-                     "RAY_SERVE_HAPROXY_METRICS_PORT": "53000",
-                     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "54000",
-                     "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": "55000",
-                     "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "50000",
-                     "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(50000 + INGRESS_PORTS),
-                     "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": "51000",
-                     "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(51000 + INGRESS_PORTS)}
+    assert own_serve_ports(count(50000, 1000).__next__) == {
+        "RAY_SERVE_HAPROXY_STATS_PORT": "50000", "RAY_SERVE_HAPROXY_METRICS_PORT": "51000",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "52000", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": "53000"}
+    ports = own_serve_ports()
     source = inspect.getsource(constants)
     assert all(f'"{name}"' in source for name in ports)
-    assert own_serve_ports() != own_serve_ports()  # real free ports, a new set each time
+    assert all(int(port) in SPARE_PORTS for port in ports.values())
+    assert len(set(ports.values())) == len(ports)
 
 
 @pytest.mark.parametrize("args, sleep_us", [

@@ -14,7 +14,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,29 +111,40 @@ def embedded_cluster_env(dashboard_url: str, cores: int | None = None,
             **{name: os.environ.get(name, value) for name, value in defaults.items()}}
 
 
-# Ingress replicas one node of a cluster may run, each with an HTTP and a gRPC port of its own.
-INGRESS_PORTS = 100
-
-
 def own_serve_ports(free_port: Callable[[], int] | None = None) -> dict[str, str]:
-    """Ports of Serve's HAProxy, its fallback proxy and the ingress replicas for a Ray cluster on
-    a machine that may run another (a second `attune serve`, a `ray start` cluster), each a port
-    the system just gave out as free. Ray's are fixed, and the tests saw two clusters meet on
-    them: HAProxy's stats and metrics on 8404 and 9101, which a second HAProxy cannot bind, so
-    it does not start at all; the fallback proxy that HAProxy sends a request to while no
-    ingress replica is up, on 8500 (HTTP) and 9500 (gRPC), where the second cluster's HAProxy
-    found the first cluster's proxy and answered with the first cluster's models. The ingress
-    replicas' ranges, from 30000 and 40000, are kept apart as well."""
-    free_port = free_port or _free_port
-    http, grpc = free_port(), free_port()
+    """Ports of Serve's HAProxy and its fallback proxy for a Ray cluster on a machine that may
+    run another (a second `attune serve`, a `ray start` cluster). Ray's are fixed, and the tests
+    saw two clusters meet on them: HAProxy's stats and metrics on 8404 and 9101, which a second
+    HAProxy cannot bind, so it does not start at all; and the fallback proxy that HAProxy sends
+    requests to while no ingress replica is up, on 8500 (HTTP) and 9500 (gRPC), where the second
+    cluster's HAProxy found the first cluster's proxy and answered with the first cluster's
+    models. (Ingress replicas' own ports need nothing: a replica whose port is taken tries the
+    next.)"""
+    free_port = free_port or _spare_ports().__next__
     return {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
-            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
-            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + INGRESS_PORTS),
-            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + INGRESS_PORTS)}
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port())}
+
+
+# Ports for servers that start later than they are chosen: below the kernel's ephemeral range
+# (32768-60999 by default), from which every process's outgoing connections and Ray's own
+# listeners get theirs. A free port from that range was taken again before Serve started (a
+# `make demo` run: its fallback proxy could not bind).
+SPARE_PORTS = range(20000, 32000)
+
+
+def _spare_ports() -> Iterator[int]:
+    """Free ones, in random order, each once."""
+    import random
+
+    for port in random.sample(SPARE_PORTS, len(SPARE_PORTS)):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))  # fails if any address of the machine holds it
+            except OSError:
+                continue
+        yield port
 
 
 @contextmanager
