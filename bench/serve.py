@@ -148,12 +148,13 @@ def bench_attune(entry: str, requests: int, questions, own_session: bool,
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         yaml.safe_dump(config, f)
         f.flush()
-        name = "direct" if direct else f"batching-{batching_ms:g}ms{'-' if env else ''}" + \
-            "-".join(f"{k}={v}" for k, v in (env or {}).items())
-        log = LOGS / f"attune-{name}.log"
+        env = env or {}
+        side = "direct" if direct else f"batching-{batching_ms:g}ms"
+        log = LOGS / f"attune-{side}{''.join(f'-{k}={v}' for k, v in env.items())}.log"
         server = subprocess.Popen(
             [sys.executable, "-m", "attune", "serve", f.name, "--port", str(port)],
-            env={**os.environ, **(env or {})}, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=own_session,
+            env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT,
+            start_new_session=own_session,
             # Ctrl-C stops it below, also when this script runs in the background (nohup, &),
             # whose children inherit an ignored SIGINT
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

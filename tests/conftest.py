@@ -136,7 +136,7 @@ def ray_start_head(**env_vars: str):
     ports = [f"--{flag}={_free_port()}" for flag in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
-    # and its HAProxy's and ingress replicas', where it runs them: so does the session's Ray
+    # and its HAProxy's and fallback proxy's, where it runs them: so does the session's Ray
     from attune.trainer import own_serve_ports
     ray_bin = Path(sys.executable).with_name("ray")
     # the venv's bin on PATH, so that job entrypoints find `python -m attune` and `attune`

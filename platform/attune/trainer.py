@@ -91,14 +91,14 @@ def embedded_cluster_env(dashboard_url: str, cores: int | None = None,
       most.
     RAY_SERVE_ENABLE_HA_PROXY: HAProxy instead of Serve's Python proxy in front of the app's
       ingress replicas, which then answer HTTP themselves: one Python process fewer on every
-      streamed token. The default app on 2 cores: 1.44x the tokens/s at concurrency 1 and 1.42x
-      at 32, first tokens 10 and 155 ms sooner, 0.67x the CPU-s for the same requests (one A/B).
-      Direct streaming needs it.
+      streamed token. The default app on 2 cores: 1.29 / 1.59 / 1.44x the tokens/s at
+      concurrency 1 / 8 / 32, first tokens 9 / 70 / 215 ms sooner (bench/serve.py, 2 rounds),
+      0.67x the CPU-s for the same requests (one A/B). Direct streaming needs it.
     RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S: an ingress replica behind HAProxy stays up
       30 s after it is told to stop, for outside load balancers to take it out; here only the
       node's own HAProxy sends it requests, and that one retries a refused connection. 2 s keeps
       a Ctrl-C or a redeploy from waiting the 30.
-    `serve_ports` (own_serve_ports): the ports of Serve's HAProxy and ingress replicas.
+    `serve_ports` (own_serve_ports): the ports of Serve's HAProxy and its fallback proxy.
     """
     cores = cores or os.cpu_count() or 1
     defaults = {"RAY_worker_niceness": "0",
