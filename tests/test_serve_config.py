@@ -68,6 +68,76 @@ def test_a_plain_text_overload_answer_becomes_an_openai_error_with_retry_after()
     assert ok.text == "fine" and "retry-after" not in ok.headers
 
 
+def test_route_errors_come_back_in_openai_shape_from_plain_asgi_in_rays_place():
+    """Ray LLM's exception middleware (a BaseHTTPMiddleware) swapped for plain ASGI: the same
+    answers, without a task and a memory stream per request."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from ray.llm._internal.serve.core.ingress.ingress import init
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import StreamingResponse
+
+    from attune.serve.ingress import ApplicationErrorsMiddleware, use_plain_asgi_errors
+
+    app: FastAPI = init()
+    ray_stack = [m.cls for m in app.user_middleware]
+    use_plain_asgi_errors(app)
+    assert [m.cls for m in app.user_middleware] == [
+        ApplicationErrorsMiddleware if cls is BaseHTTPMiddleware else cls for cls in ray_stack]
+
+    @app.get("/broken")
+    async def broken():
+        raise ValueError("no such thing")
+
+    @app.post("/typed")
+    async def typed(n: int):
+        return {"n": n}
+
+    @app.get("/stream")
+    async def stream():
+        async def tokens():
+            yield "data: 1\n\n"
+            raise ValueError("engine died mid-stream")
+        return StreamingResponse(tokens(), media_type="text/event-stream")
+
+    client = TestClient(app, raise_server_exceptions=False)
+    broken = client.get("/broken")
+    assert broken.status_code == 500
+    assert set(broken.json()["error"]) >= {"message", "type", "code"}
+    assert "no such thing" in broken.json()["error"]["message"]
+    typed = client.post("/typed", params={"n": "many"})
+    assert typed.status_code == 400 and typed.json()["error"]["code"] == "invalid_parameter"
+    assert client.post("/typed", params={"n": 3}).json() == {"n": 3}
+    # Once a stream has started there is no error answer to give: the stream is cut, and the
+    # exception reaches the server (uvicorn logs it), as with Ray's middleware.
+    with pytest.raises(ValueError, match="mid-stream"):
+        TestClient(app).get("/stream")
+
+
+def test_the_ingress_reaches_models_over_the_transport_its_own_replica_is_set_to(monkeypatch):
+    """Handles arrive pickled with the options of the process that built the app (by reference,
+    unless it set RAY_SERVE_USE_GRPC_BY_DEFAULT); the ingress re-options them as its replica's
+    environment (REPLICA_ENV) says."""
+    from ray.serve._private import constants
+
+    from attune.serve.app import REPLICA_ENV
+    from attune.serve.ingress import Ingress
+
+    class Handle:  # records what the ingress asks of a DeploymentHandle
+        def __init__(self, **options):
+            self.options_given = options
+
+        def options(self, **options):
+            return Handle(**options)
+
+    assert REPLICA_ENV["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
+    for grpc in (True, False):
+        monkeypatch.setattr(constants, "RAY_SERVE_USE_GRPC_BY_DEFAULT", grpc)
+        ingress = Ingress({"tiny-full": Handle()}, {"tiny-full": None})
+        assert ingress._default_serve_handles["tiny-full"].options_given == {
+            "_by_reference": not grpc}
+
+
 @pytest.mark.parametrize("source, downloads", [("local", False), ("s3://models/tiny-full", True)])
 def test_replicas_skip_rays_download_step_only_for_models_on_disk(tmp_path, source, downloads):
     """Ray's node-init task fetches cloud mirrors; for a directory it is a no-op costing a process."""

@@ -17,7 +17,12 @@ from attune import modeling
 from attune.config import validate
 from attune.serve.auth import ApiKeyMiddleware
 from attune.serve.config import HA_PROXY_ENV, BaseModelSpec, ServeConfig
-from attune.serve.ingress import Ingress, RetryAfterMiddleware, add_openai_error_handler
+from attune.serve.ingress import (
+    Ingress,
+    RetryAfterMiddleware,
+    add_openai_error_handler,
+    use_plain_asgi_errors,
+)
 from attune.serve.entries import check_servable, promote_adapter, read_entry
 from attune.serve.node_init import SkipDownloadForLocalModels
 from attune.serve.server import LLMServer
@@ -25,13 +30,13 @@ from attune.serve.vllm_plugin import CPU_EXECUTOR_ENV, POLL_SLEEP_ENV
 
 # Ray Serve settings each replica reads from its environment, so the runtime_env of both
 # deployments carries them (local Ray, `serve run`, a RayService alike). On a few cores every
-# streamed token crosses these replicas. Short bench/serve.py runs suggested they help; a full
-# quiet run showed no measurable gain (README, Serving benchmark), so they are kept as harmless:
+# streamed token crosses these replicas:
 #   RUN_USER_CODE_IN_SEPARATE_THREAD=0  user code on the replica's own event loop: no hand-over
 #                                       between two loops for every streamed chunk
 #   RUN_ROUTER_IN_SEPARATE_LOOP=0       the ingress's router for its model handles, likewise
 #   USE_GRPC_BY_DEFAULT=1               ingress -> model server over Serve's gRPC channel
-#                                       instead of Ray object references per chunk
+#                                       instead of a Ray object per chunk; the ingress applies
+#                                       it to its handles (attune.serve.ingress.Ingress)
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
                "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
                "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
@@ -151,6 +156,7 @@ def openai_app(configs: list[LLMConfig], config: ServeConfig) -> Application:
     from ray.llm._internal.serve.core.ingress.ingress import init, make_fastapi_ingress
 
     app = init()
+    use_plain_asgi_errors(app)
     app.add_middleware(ApiKeyMiddleware, env_var=config.api_keys_env,
                        key_file=config.api_keys_file, required=config.auth == "api_key")
     app.add_middleware(RetryAfterMiddleware)

@@ -1,23 +1,38 @@
-"""Ray's OpenAI ingress, strict about what it accepts.
+"""Ray's OpenAI ingress, strict about what it accepts and light on every streamed token.
 
 Two gaps closed on top of `OpenAiIngress`: a chat message with a role no chat template knows
 ("wizard") is refused with a 400 instead of being rendered into the prompt, and errors Ray raises
 as plain HTTP exceptions (an unknown model) come back in OpenAI's error shape, not FastAPI's
 `{"detail": ...}`, and so do Serve's plain-text overload refusals.
+
+Every token the default app streams crosses this replica, so two of Ray's per-chunk costs are
+taken out: the model handles use Serve's gRPC channel, and Ray's exception middleware is plain
+ASGI (bench/serve.py measures both, README "Serving benchmark").
 """
 
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest,
     OpenAIHTTPException,
 )
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
+from ray.llm._internal.serve.core.ingress.middleware import (
+    _handle_validation_error,
+    get_request_id,
+)
+from ray.llm._internal.serve.utils.server_utils import get_response_for_error
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
 
 from attune.serve.auth import openai_error
+
+# The name of the BaseHTTPMiddleware dispatch Ray LLM's ingress `init()` adds (Ray 2.60).
+RAY_ERRORS_DISPATCH = "_handle_application_exceptions"
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
@@ -32,6 +47,18 @@ def unknown_role(messages: list) -> str | None:
 
 
 class Ingress(OpenAiIngress):
+    def __init__(self, llm_deployments: dict, *args, **kwargs):
+        # A handle carries the transport of the process that created it: these were made where
+        # the app was built (`attune serve`, `serve deploy`'s build task), which did not set
+        # RAY_SERVE_USE_GRPC_BY_DEFAULT, so every streamed chunk went back as a Ray object
+        # (a thread-pool hop and an RPC per chunk in the model server). The replica's own
+        # environment (REPLICA_ENV) decides instead.
+        from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
+
+        by_reference = not RAY_SERVE_USE_GRPC_BY_DEFAULT
+        super().__init__({model_id: handle.options(_by_reference=by_reference)
+                          for model_id, handle in llm_deployments.items()}, *args, **kwargs)
+
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         if problem := unknown_role(body.messages):
             raise OpenAIHTTPException(status_code=400, type="invalid_request_error", message=problem)
@@ -48,6 +75,54 @@ def add_openai_error_handler(app: FastAPI) -> None:
     async def openai_shaped(request: Request, exc: HTTPException) -> Response:
         return Response(_error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
                         headers=exc.headers, media_type="application/json")
+
+
+class ApplicationErrorsMiddleware:
+    """Ray LLM's last word on an exception from a route, as plain ASGI: a JSON error body
+    (OpenAI's shape, from Ray's own helpers) instead of a bare 500.
+
+    Ray installs the same as a Starlette BaseHTTPMiddleware, which runs every request in a task
+    of its own and passes every streamed chunk through a memory stream: one more hand-over per
+    token on the ingress's event loop. `use_plain_asgi_errors` swaps it for this.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def note_start(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, note_start)
+        except Exception as error:  # CancelledError is a BaseException: it passes, as in Ray's
+            if started:  # too late for an error answer: the client sees the stream cut
+                raise
+            response = await _error_response(Request(scope, receive), error)
+            await response(scope, receive, send)
+
+
+async def _error_response(request: Request, error: Exception) -> Response:
+    if isinstance(error, RequestValidationError):
+        return await _handle_validation_error(request, error)
+    answer = get_response_for_error(error, get_request_id(request))
+    return JSONResponse(content=answer.model_dump(), status_code=answer.error.code)
+
+
+def use_plain_asgi_errors(app: FastAPI) -> None:
+    """Put ApplicationErrorsMiddleware where Ray's `init()` put its BaseHTTPMiddleware."""
+    for i, entry in enumerate(app.user_middleware):
+        dispatch = entry.kwargs.get("dispatch")
+        if entry.cls is BaseHTTPMiddleware and dispatch.__name__ == RAY_ERRORS_DISPATCH:
+            app.user_middleware[i] = Middleware(ApplicationErrorsMiddleware)
+            return
+    raise RuntimeError(f"Ray LLM's {RAY_ERRORS_DISPATCH} middleware is not on the ingress app")
 
 
 class RetryAfterMiddleware:
