@@ -191,7 +191,8 @@ def main() -> None:
     parser.add_argument("--session", choices=["own", "shared"], default="own",
                         help="each server in a session of its own, as from a terminal of its own "
                         "or as a service, or in this client's (Linux schedules sessions as groups)")
-    parser.add_argument("--out", default="bench/results/serve.json")
+    parser.add_argument("--out", help="results file; default bench/results/serve.json, or "
+                        "serve-shared-session.json beside it for --session shared")
     args = parser.parse_args()
     os.environ.setdefault("ATTUNE_HOME", "/tmp/attune-bench")
     os.environ["ATTUNE_API_KEYS"] = KEY
@@ -210,7 +211,7 @@ def main() -> None:
     result = {"server_session": args.session,
               "requests_per_level": {str(c): requests_at(c, args.requests) for c in CONCURRENCY},
               "output_tokens": OUTPUT_TOKENS, "rounds": []}
-    out = Path(args.out)
+    out = Path(args.out or f"bench/results/serve{'-shared-session' if not own_session else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     attune_sides = [name for name in args.sides if name in SIDES]
     with_plugin = VLLM_PLUGIN in args.sides

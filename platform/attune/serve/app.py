@@ -147,7 +147,8 @@ def _store_for(config: ServeConfig, base: BaseModelSpec) -> str:
 
 def openai_app(configs: list[LLMConfig], config: ServeConfig) -> Application:
     """`ray.serve.llm.build_openai_app`, with API-key middleware and OpenAI-shaped errors on the
-    ingress's FastAPI app and attune's stricter ingress class.
+    ingress's FastAPI app, Ray's exception middleware as plain ASGI, and attune's stricter
+    ingress class.
 
     Ray's builder creates its FastAPI app internally; these lines are its own steps with the
     app handed in, so the middleware wraps every route (Ray 2.60's internals, pinned).
