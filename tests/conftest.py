@@ -36,7 +36,9 @@ def object_store(attune_home):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    from attune.trainer import free_port
+
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
@@ -95,14 +97,6 @@ def artifacts() -> Path:
     return ARTIFACTS
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class RayHead:
     gcs: str  # host:port, for RAY_ADDRESS
@@ -130,27 +124,30 @@ def ray_start_head(**env_vars: str):
     import urllib.error
     import urllib.request
 
+    from attune.trainer import own_serve_ports, spare_ports
+
     temp_dir = tempfile.mkdtemp(prefix="ray-head-")
-    gcs, dashboard = _free_port(), _free_port()
+    spare = spare_ports()  # each port once, none that an outgoing connection can take meanwhile
+    gcs, dashboard = next(spare), next(spare)
     # Every port of its own: the session's in-process Ray already holds the default agent ports.
-    ports = [f"--{flag}={_free_port()}" for flag in (
+    ports = [f"--{flag}={next(spare)}" for flag in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
-    # and its HAProxy's and fallback proxy's, where it runs them: so does the session's Ray
-    from attune.trainer import own_serve_ports
     ray_bin = Path(sys.executable).with_name("ray")
-    # the venv's bin on PATH, so that job entrypoints find `python -m attune` and `attune`
-    env = {**os.environ, **own_serve_ports(), **env_vars,
+    # and its HAProxy's and fallback proxy's, where it runs them: so does the session's Ray
+    env = {**os.environ, **own_serve_ports(spare.__next__), **env_vars,
+           # the venv's bin on PATH, so that job entrypoints find `python -m attune` and `attune`
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
            # its workers' State API (Train's PlacementGroupCleaner) would else read the default
            # temp dir's ray_current_cluster: another cluster's, or none (attune.trainer.ensure_ray)
            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
+    log = Path(temp_dir) / "ray-start.log"
     proc = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=16",
          f"--temp-dir={temp_dir}",
          f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
          *ports],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=env, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120
     while True:
@@ -161,8 +158,12 @@ def ray_start_head(**env_vars: str):
             break
         except OSError:
             if time.time() > deadline or proc.poll() is not None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise RuntimeError("ray start --head did not come up")
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:  # it died before its cluster came up: nothing left
+                    pass
+                raise RuntimeError(f"ray start --head did not come up; its output:\n"
+                                   f"{log.read_text()[-4000:]}")
             time.sleep(1)
     try:
         yield RayHead(f"127.0.0.1:{gcs}", address, temp_dir)
@@ -215,6 +216,7 @@ def served_endpoint(ray_cluster, object_store, tiny_full_entry, tiny_lora_entry)
 
     from attune.serve import ServeConfig
     from attune.serve.local import run
+    from attune.trainer import free_port
 
     config = ServeConfig(
         base_models=[{"id": "tiny-llama", "name_or_path": "attune:tiny-llama"}],
@@ -227,7 +229,7 @@ def served_endpoint(ray_cluster, object_store, tiny_full_entry, tiny_lora_entry)
         # limit (no second app, with an engine of its own, just for the overload test)
         max_ongoing_requests=16, max_queued_requests=64,
     )
-    endpoint = run(config, port=_free_port())
+    endpoint = run(config, port=free_port())
     yield ServedEndpoint(endpoint.base_url, API_KEY, "tiny-llama", "tiny-full",
                          "tiny-llama:tiny-lora", config)
     serve.shutdown()

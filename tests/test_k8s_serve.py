@@ -23,17 +23,10 @@ from attune import k8s
 from attune.answers import qa_pairs
 from attune.config import validate
 from attune.serve import ServeConfig
+from attune.trainer import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])
@@ -46,7 +39,7 @@ def test_serve_config_args_are_valid_serving_configs(overlay):
 
 def test_cpu_rayservice_serve_config_deploys_and_answers(ray_head, tiny_full_entry, tmp_path):
     config = k8s.serve_config(REPO, "cpu")
-    port = _free_port()
+    port = free_port()
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     key_file = tmp_path / "api-keys"
     key_file.write_text("k8s-test-key\n")

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import API_KEY, ServedEndpoint, _free_port, ray_start_head, stop_group
+from conftest import API_KEY, ServedEndpoint, ray_start_head, stop_group
 from test_serve import BAD_REQUESTS, QUESTIONS, ask, assert_refused_then_answers, client, post
 
 from attune.answers import exact_match
+from attune.trainer import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ def direct_endpoint(tiny_full_entry, tmp_path_factory, direct_head):
               "max_ongoing_requests": 2, "max_queued_requests": 2}
     folder = tmp_path_factory.mktemp("direct")
     (folder / "serve.yaml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     with open(folder / "serve.log", "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "attune", "serve", str(folder / "serve.yaml"), "--port", str(port)],

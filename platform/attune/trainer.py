@@ -56,7 +56,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # Logical CPUs beyond the cores: Train's workers, Data's tasks and Serve's actors each
         # claim one while mostly waiting on each other.
         # address="local": a new cluster, never one that `ray start` left running on this machine.
-        dashboard_port = _free_port()
+        dashboard_port = free_port()
         env = embedded_cluster_env(f"http://127.0.0.1:{dashboard_port}", serve_ports=own_serve_ports())
         with _set_for_ray_init(env):
             ray.init(address="local", num_cpus=num_cpus or max(6, 2 * (os.cpu_count() or 1)),
@@ -120,7 +120,7 @@ def own_serve_ports(free_port: Callable[[], int] | None = None) -> dict[str, str
     cluster's HAProxy found the first cluster's proxy and answered with the first cluster's
     models. (Ingress replicas' own ports need nothing: a replica whose port is taken tries the
     next.)"""
-    free_port = free_port or _spare_ports().__next__
+    free_port = free_port or spare_ports().__next__
     return {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
@@ -130,12 +130,13 @@ def own_serve_ports(free_port: Callable[[], int] | None = None) -> dict[str, str
 # Ports for servers that start later than they are chosen: below the kernel's ephemeral range
 # (32768-60999 by default), from which every process's outgoing connections and Ray's own
 # listeners get theirs. A free port from that range was taken again before Serve started (a
-# `make demo` run: its fallback proxy could not bind).
+# `make demo` run: its fallback proxy could not bind; a test's `ray start --head` that died at
+# once, its logs empty).
 SPARE_PORTS = range(20000, 32000)
 
 
-def _spare_ports() -> Iterator[int]:
-    """Free ones, in random order, each once."""
+def spare_ports() -> Iterator[int]:
+    """Free ones of SPARE_PORTS, in random order, each once."""
     import random
 
     for port in random.sample(SPARE_PORTS, len(SPARE_PORTS)):
@@ -164,10 +165,8 @@ def _set_for_ray_init(variables: dict[str, str]):
                 os.environ[name] = value
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port() -> int:
+    return next(spare_ports())
 
 
 def prepare_data(recipe: Recipe, tokenizer_path: str) -> PreparedData:
