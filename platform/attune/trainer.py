@@ -111,7 +111,7 @@ def embedded_cluster_env(dashboard_url: str, cores: int | None = None,
             **{name: os.environ.get(name, value) for name, value in defaults.items()}}
 
 
-def own_serve_ports(free_port: Callable[[], int] | None = None) -> dict[str, str]:
+def own_serve_ports(next_port: Callable[[], int] | None = None) -> dict[str, str]:
     """Ports of Serve's HAProxy and its fallback proxy for a Ray cluster on a machine that may
     run another (a second `attune serve`, a `ray start` cluster). Ray's are fixed, and the tests
     saw two clusters meet on them: HAProxy's stats and metrics on 8404 and 9101, which a second
@@ -120,11 +120,11 @@ def own_serve_ports(free_port: Callable[[], int] | None = None) -> dict[str, str
     cluster's HAProxy found the first cluster's proxy and answered with the first cluster's
     models. (Ingress replicas' own ports need nothing: a replica whose port is taken tries the
     next.)"""
-    free_port = free_port or spare_ports().__next__
-    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
-            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port())}
+    next_port = next_port or spare_ports().__next__
+    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(next_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(next_port()),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(next_port()),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(next_port())}
 
 
 # Ports for servers that start later than they are chosen: below the kernel's ephemeral range

@@ -118,8 +118,8 @@ async def _error_response(request: Request, error: Exception) -> Response:
 def use_plain_asgi_errors(app: FastAPI) -> None:
     """Put ApplicationErrorsMiddleware where Ray's `init()` put its BaseHTTPMiddleware."""
     for i, entry in enumerate(app.user_middleware):
-        dispatch = entry.kwargs.get("dispatch")
-        if entry.cls is BaseHTTPMiddleware and dispatch.__name__ == RAY_ERRORS_DISPATCH:
+        dispatch_name = getattr(entry.kwargs.get("dispatch"), "__name__", None)
+        if entry.cls is BaseHTTPMiddleware and dispatch_name == RAY_ERRORS_DISPATCH:
             app.user_middleware[i] = Middleware(ApplicationErrorsMiddleware)
             return
     raise RuntimeError(f"Ray LLM's {RAY_ERRORS_DISPATCH} middleware is not on the ingress app")
