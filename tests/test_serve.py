@@ -147,6 +147,53 @@ def test_64_concurrent_streams_all_complete(served_endpoint):
     assert all(answers) and len(answers) == 64
 
 
+def sse_events(endpoint, body: dict) -> list:
+    """A streamed chat answer's events, raw: parsed JSON, and "[DONE]" as the string."""
+    import httpx
+
+    events = []
+    with httpx.stream("POST", endpoint.base_url + "/chat/completions", json={**body, "stream": True},
+                      headers={"Authorization": f"Bearer {endpoint.api_key}"}, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                data = line.removeprefix("data: ")
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_streams_end_in_openai_order_and_every_choice_streams(served_endpoint):
+    """attune sends a stream's last events (finish, usage, [DONE]) as one message from the model
+    server and ends the response at [DONE] (test_serve_streams): the client still sees OpenAI's
+    stream, an event per token, and with n=2 (sampled: vLLM takes n>1 only so) both choices to
+    their end."""
+    body = {"model": "tiny-full", "messages": [{"role": "user", "content": QUESTIONS[0][0]}],
+            "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    status, _, plain = post(served_endpoint, "/chat/completions", body)
+    assert status == 200
+    answer = plain["choices"][0]["message"]["content"]
+    events = sse_events(served_endpoint, {**body, "stream_options": {"include_usage": True}})
+    *chunks, usage, done = events
+    assert done == "[DONE]"
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 8
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    texts = [c["choices"][0]["delta"].get("content") for c in chunks]
+    assert sum(bool(t) for t in texts) > 1
+    assert "".join(t or "" for t in texts) == answer
+
+    both = sse_events(served_endpoint, {**body, "n": 2, "temperature": 1.0, "seed": 0})
+    assert both[-1] == "[DONE]"
+    by_choice: dict = {0: [], 1: []}
+    for event in both[:-1]:
+        for choice in event["choices"]:
+            by_choice[choice["index"]].append(choice)
+    for choices in by_choice.values():
+        assert choices[-1]["finish_reason"] == "length"
+        assert all(c["finish_reason"] is None for c in choices[:-1])
+        assert "".join(c["delta"].get("content") or "" for c in choices)
+
+
 def test_every_deployment_yaml_loads_through_serve_schema_and_builder(served_endpoint):
     import yaml
     from ray.serve.schema import ServeDeploySchema
