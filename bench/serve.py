@@ -7,9 +7,10 @@ with a fixed output of 64 tokens (ignore_eos) at concurrency 1, 8 and 32 (`--req
 25 times the concurrency above it, so that every level streams for tens of seconds). Reports
 output tokens/s, TTFT and inter-token latency (p50/p99), and attune/vLLM ratios, in
 bench/results/serve.json, for attune's default app (stream batching 0 ms; 20 ms on request), for
-its direct-streaming mode, and for vLLM's server with attune's vLLM plugin on as attune's app
-sets it on CPU (the model in the engine process on a node of 2 CPUs, no spinning waits beside a
-worker), which tells the plugin's share of attune's figures from the rest of its stack's.
+its direct-streaming mode (on request also with the model in vLLM's worker process), and for
+vLLM's server with attune's vLLM plugin on as attune's app sets it on CPU (the model in the
+engine process on a node of 2 CPUs, no spinning waits beside a worker), which tells the
+plugin's share of attune's figures from the rest of its stack's.
 
 The machine is shared and its speed drifts by tens of percent within minutes, so the servers
 take turns: vLLM, every attune configuration, vLLM with the plugin, vLLM again, ... ending with
@@ -42,10 +43,13 @@ LOGS = Path(tempfile.gettempdir()) / "attune-bench-serve"  # each server's outpu
 # attune's configurations: the default app with stream batching off (attune's default) and at
 # 20 ms, the default app behind Serve's Python proxy instead of HAProxy (what a Ray cluster
 # started without RAY_SERVE_ENABLE_HA_PROXY=1 runs), and direct streaming (one model, vLLM's
-# server as the ingress behind HAProxy), which also skips attune's ingress replica.
+# server as the ingress behind HAProxy), which also skips attune's ingress replica; also with
+# the model in vLLM's worker process (`engine.cpu_executor: mp`, waits without spinning) in
+# place of the engine process, attune's choice on a node of 2 CPUs.
 SIDES = {"batching_0ms": {"batching_ms": 0}, "batching_20ms": {"batching_ms": 20},
          "python_proxy": {"env": {"RAY_SERVE_ENABLE_HA_PROXY": "0"}},
-         "direct_streaming": {"direct": True}}
+         "direct_streaming": {"direct": True},
+         "direct_streaming_mp": {"direct": True, "engine": {"cpu_executor": "mp"}}}
 DEFAULT_SIDES = ["direct_streaming", "batching_0ms"]
 # vLLM's own server with attune's vLLM plugin switched on as attune's app does on CPU: what of
 # attune's figures is the plugin and what is the rest of its stack.
@@ -137,20 +141,23 @@ def bench_vllm(entry: str, requests: int, questions, own_session: bool,
 
 
 def bench_attune(entry: str, requests: int, questions, own_session: bool,
-                 batching_ms: float = 0, direct: bool = False, env: dict | None = None) -> dict:
+                 batching_ms: float = 0, direct: bool = False, env: dict | None = None,
+                 engine: dict | None = None) -> dict:
     # One engine, as on the vLLM side: the fine-tuned entry served as a model of its own. Like
     # vLLM's, the server runs apart from this client (`attune serve`, output to a file), so
     # neither side's logging lands in the process that measures.
     port = 8032
     config = {"base_models": [{"id": "tiny-full", "name_or_path": entry}],
-              "engine": {"max_model_len": 512, "stream_batching_interval_ms": batching_ms},
+              "engine": {"max_model_len": 512, "stream_batching_interval_ms": batching_ms,
+                         **(engine or {})},
               "direct_streaming": direct}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         yaml.safe_dump(config, f)
         f.flush()
         env = env or {}
         side = "direct" if direct else f"batching-{batching_ms:g}ms"
-        log = LOGS / f"attune-{side}{''.join(f'-{k}={v}' for k, v in env.items())}.log"
+        settings = {**(engine or {}), **env}
+        log = LOGS / f"attune-{side}{''.join(f'-{k}={v}' for k, v in settings.items())}.log"
         server = subprocess.Popen(
             [sys.executable, "-m", "attune", "serve", f.name, "--port", str(port)],
             env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT,
