@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from attune.config import Recipe
+from attune.recipe import Recipe
 from attune.loop import Loop, train_loop
 
 

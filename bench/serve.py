@@ -2,20 +2,13 @@
 
     .venv/bin/python bench/serve.py [--rounds 2] [--requests 200] [--sides ...] [--session own|shared]
 
-Same machine, same run, same fine-tuned tiny model, same request mix: streaming chat requests
-with a fixed output of 64 tokens (ignore_eos) at concurrency 1, 8 and 32 (`--requests` at 1,
-25 times the concurrency above it, so that every level streams for tens of seconds). Reports
-output tokens/s, TTFT and inter-token latency (p50/p99), and attune/vLLM ratios, in
-bench/results/serve.json, for attune's default app (stream batching 0 ms; 20 ms on request), for
-its direct-streaming mode (on request also with the model in vLLM's worker process), and for
-vLLM's server with attune's vLLM plugin on as attune's app sets it on CPU (the model in the
-engine process on a node of 2 CPUs, no spinning waits beside a worker), which tells the
-plugin's share of attune's figures from the rest of its stack's.
+Same machine, fine-tuned tiny model and request mix for every server: streaming chats of 64
+output tokens (ignore_eos) at concurrency 1, 8 and 32. Writes output tokens/s, TTFT and
+inter-token latency (p50/p99), and ratios to plain vLLM, to bench/results/serve.json. vLLM's
+server with attune's plugin on tells the plugin's share from the rest of attune's stack.
 
-The machine is shared and its speed drifts by tens of percent within minutes, so the servers
-take turns: vLLM, every attune configuration, vLLM with the plugin, vLLM again, ... ending with
-vLLM. Each other figure is compared with the mean of the plain vLLM runs just before and just
-after it, and the summary is the mean of the rounds' ratios (each run's figures are kept too).
+A shared machine's speed drifts, so the servers take turns (vLLM, each attune side, vLLM with
+the plugin, vLLM, ...) and each figure is compared with the plain vLLM runs on either side of it.
 """
 
 from __future__ import annotations
@@ -40,12 +33,9 @@ OUTPUT_TOKENS = 64
 CONCURRENCY = (1, 8, 32)
 KEY = "bench-key"
 LOGS = Path(tempfile.gettempdir()) / "attune-bench-serve"  # each server's output
-# attune's configurations: the default app with stream batching off (attune's default) and at
-# 20 ms, the default app behind Serve's Python proxy instead of HAProxy (what a Ray cluster
-# started without RAY_SERVE_ENABLE_HA_PROXY=1 runs), and direct streaming (one model, vLLM's
-# server as the ingress behind HAProxy), which also skips attune's ingress replica; also with
-# the model in vLLM's worker process (`engine.cpu_executor: mp`, waits without spinning) in
-# place of the engine process, attune's choice on a node of 2 CPUs.
+# attune's configurations: the default app with stream batching off (the default) and at 20 ms,
+# behind Serve's Python proxy instead of HAProxy, and direct streaming (vLLM's server as the
+# ingress), also with the model in vLLM's worker process instead of the engine process.
 SIDES = {"batching_0ms": {"batching_ms": 0}, "batching_20ms": {"batching_ms": 20},
          "python_proxy": {"env": {"RAY_SERVE_ENABLE_HA_PROXY": "0"}},
          "direct_streaming": {"direct": True},
@@ -118,7 +108,7 @@ def wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 600
 
 def bench_vllm(entry: str, requests: int, questions, own_session: bool,
                plugin: bool = False) -> dict:
-    from attune.serve.app import CPU_POLL_SLEEP_US
+    from attune.serve.llm_config import CPU_POLL_SLEEP_US
     from attune.serve.vllm_plugin import CPU_EXECUTOR_ENV, POLL_SLEEP_ENV
 
     port = 8031
@@ -208,7 +198,7 @@ def main() -> None:
     import ray
 
     from attune.answers import qa_pairs
-    from attune.config import load_recipe
+    from attune.recipe import load_recipe
     from attune.trainer import fine_tune
 
     entry = fine_tune(load_recipe("recipes/tiny-full.yaml"))  # resumes if already trained

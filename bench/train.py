@@ -7,7 +7,7 @@
    both. Both get the same CPU threads. The figure is the ratio b / a.
 2. Packing efficiency on the bundled data: non-pad tokens / row capacity, packed vs one sample
    per row padded to the longest in its micro-batch.
-Writes bench/results/train.json; the README quotes it.
+Writes bench/results/train.json.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from attune import data, modeling  # noqa: E402
-from attune.config import load_recipe  # noqa: E402
+from attune.recipe import load_recipe  # noqa: E402
 from attune.loop import Loop, train_loop  # noqa: E402
 
 THREADS = 2

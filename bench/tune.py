@@ -2,16 +2,13 @@
 
     .venv/bin/python bench/tune.py [--seeds 2] [--samples 32] [--overhead-trials 16] [--overhead-only]
 
-1. Search efficiency. Each trial fine-tunes the tiny model for the recipe's 300 steps with
-   attune's own loop (attune.loop, in the trial's process: no Train worker group, so its 128
-   trials fit in about 36 minutes on 2 cores) and reports eval loss every 10 steps. The space: lr
-   log-uniform over 1e-5..1e-1 (the good region, measured, is 1e-3 to 3e-3) and warmup 0..20
-   steps. ASHA (grace period 20 steps, reduction factor 3: rungs at 20, 60 and 180) and random
-   search (FIFO: every trial runs to the end) get the same sampled trials, seed by seed; we count
-   trial-steps (the steps every trial ran, summed) and the best eval loss reached. Goal: ASHA
-   reaches random search's best (within the noise across seeds) for at most a third of its
-   trial-steps. (At 100 steps with rungs from step 10 ASHA cut the eventual best, whose 17-step
-   warmup kept it 13th of 27 at step 10; by step 30 it led.)
+1. Search efficiency. Each trial fine-tunes the tiny model for 300 steps with attune.loop in
+   the trial's own process (no Train worker group, to keep trials cheap) and reports eval loss
+   every 10 steps, over lr log-uniform in 1e-5..1e-1 and warmup 0..20 steps. ASHA (grace period
+   20 steps, so a long warmup is not cut early; reduction factor 3) and random search (FIFO)
+   get the same sampled trials, seed by seed; counted: trial-steps and the best eval loss.
+   Goal: ASHA reaches random search's best (within the noise across seeds) for at most a third
+   of its trial-steps.
 2. Overhead. N trivial trials that only sleep (their "work"), 4 at a time; Tune's overhead is
    the wall time over the ideal (total work / concurrency), with a fresh trial actor per trial
    (Tune's default) and with actors reused (`reuse_actors=True`). Goal: at most 20%.
@@ -41,12 +38,12 @@ RESULTS = Path(__file__).parent / "results" / "tune.json"
 
 
 def real_trial(config: dict, recipe_raw: dict, rows: list, eval_rows: list, base: str) -> None:
-    """The tiny model's fine-tune with this trial's lr and warmup, eval loss every 5 steps."""
+    """The tiny model's fine-tune with this trial's lr and warmup, eval loss every EVAL_EVERY steps."""
     import torch
 
     from attune import data
     from attune.loop import Loop, train_loop
-    from attune.tune_config import trial_recipe
+    from attune.tune.config import trial_recipe
 
     torch.set_num_threads(1)  # one core per trial, two trials at a time
     recipe = trial_recipe(recipe_raw, {"optim.lr": config["lr"],
@@ -64,7 +61,7 @@ def real_trial(config: dict, recipe_raw: dict, rows: list, eval_rows: list, base
 
 def tiny_recipe_and_rows() -> tuple[dict, list, list, str]:
     from attune import data, modeling
-    from attune.config import load_recipe
+    from attune.recipe import load_recipe
 
     recipe = load_recipe(RECIPE, [f"optim.max_steps={MAX_STEPS}", f"eval.every_steps={EVAL_EVERY}",
                                   f"checkpoint.every_steps={MAX_STEPS}"])
@@ -154,7 +151,7 @@ def main() -> None:
                         help="run the search comparison again, keeping the overhead figures in the file")
     args = parser.parse_args()
 
-    from attune.trainer import ensure_ray
+    from attune.cluster import ensure_ray
 
     ensure_ray(num_cpus=6)
     if args.search_only:

@@ -7,11 +7,30 @@ fine-tuned model take `tiny_full_entry` / `tiny_lora_entry` rather than training
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
 import pytest
+import ray
+from moto.server import ThreadedMotoServer
+from ray import serve
+
+from attune.cluster import ensure_ray, free_port, own_serve_ports, spare_ports
+from attune.modeling import ensure_tiny_llama
+from attune.recipe import load_recipe
+from attune.serve import ServeConfig
+from attune.serve.local import run
+from attune.trainer import fine_tune
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -33,11 +52,6 @@ API_KEY = "test-key-0123456789"
 def object_store(attune_home):
     """A real S3 API on loopback (moto's server), for what production keeps in s3://: the LoRA
     adapters a running app loads. Its address goes into the environment before Ray starts."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    from attune.trainer import free_port
-
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -51,13 +65,8 @@ def object_store(attune_home):
 
 @pytest.fixture(scope="session")
 def ray_cluster(attune_home, object_store):
-    """One in-process Ray for the whole session, with logical CPUs to spare (see DESIGN.md)."""
-    import ray
-
+    """One in-process Ray for the whole session, with logical CPUs to spare."""
     os.environ["ATTUNE_API_KEYS"] = API_KEY  # serving replicas read it from their environment
-
-    from attune.trainer import ensure_ray
-
     # Logical CPUs are accounting, not cores: Serve replicas, Train workers and Tune trials all
     # hold some while mostly waiting, and one session runs them side by side.
     ensure_ray(num_cpus=16)
@@ -67,15 +76,10 @@ def ray_cluster(attune_home, object_store):
 
 @pytest.fixture(scope="session")
 def tiny_base(attune_home) -> str:
-    from attune.modeling import ensure_tiny_llama
-
     return str(ensure_tiny_llama())
 
 
 def train(recipe_path: str, *overrides: str) -> str:
-    from attune.config import load_recipe
-    from attune.trainer import fine_tune
-
     return fine_tune(load_recipe(REPO / recipe_path, list(overrides)))
 
 
@@ -115,17 +119,6 @@ def ray_start_head(**env_vars: str):
     which the last `ray start` on the machine writes, so two heads sharing /tmp/ray would send
     one's jobs to the other.
     """
-    import shutil
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-    import time
-    import urllib.error
-    import urllib.request
-
-    from attune.trainer import own_serve_ports, spare_ports
-
     temp_dir = tempfile.mkdtemp(prefix="ray-head-")
     spare = spare_ports()  # each port once, none that an outgoing connection can take meanwhile
     gcs, dashboard = next(spare), next(spare)
@@ -139,7 +132,7 @@ def ray_start_head(**env_vars: str):
            # the venv's bin on PATH, so that job entrypoints find `python -m attune` and `attune`
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
            # its workers' State API (Train's PlacementGroupCleaner) would else read the default
-           # temp dir's ray_current_cluster: another cluster's, or none (attune.trainer.ensure_ray)
+           # temp dir's ray_current_cluster: another cluster's, or none (attune.cluster.ensure_ray)
            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
     log = Path(temp_dir) / "ray-start.log"
     proc = subprocess.Popen(
@@ -177,9 +170,6 @@ def ray_start_head(**env_vars: str):
 def stop_group(proc, sig: int, timeout: float) -> None:
     """Signal the process group of `proc` (started with start_new_session); SIGKILL what is
     still there after `timeout` seconds."""
-    import signal
-    import subprocess
-
     os.killpg(proc.pid, sig)
     try:
         proc.wait(timeout=timeout)
@@ -212,12 +202,6 @@ class ServedEndpoint:
 def served_endpoint(ray_cluster, object_store, tiny_full_entry, tiny_lora_entry):
     """attune's real endpoint: Ray Serve + vLLM (CPU) serving the tiny base model, its full
     fine-tune and its LoRA adapter (multi-LoRA), behind API-key auth."""
-    from ray import serve
-
-    from attune.serve import ServeConfig
-    from attune.serve.local import run
-    from attune.trainer import free_port
-
     config = ServeConfig(
         base_models=[{"id": "tiny-llama", "name_or_path": "attune:tiny-llama"}],
         entries=[tiny_full_entry, tiny_lora_entry],

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from attune.config import Recipe, RecipeError, load_recipe
+from attune.config import ConfigError
+from attune.recipe import Recipe, load_recipe
 
 RECIPES = sorted(Path("recipes").glob("*.yaml"))
 
@@ -42,7 +43,7 @@ def write(tmp_path, text: str) -> Path:
     ("- just\n- a list\n", "a recipe is a mapping"),
 ])
 def test_bad_recipes_name_the_key(tmp_path, text, message):
-    with pytest.raises(RecipeError) as e:
+    with pytest.raises(ConfigError) as e:
         load_recipe(write(tmp_path, text))
     assert message in str(e.value)
 
@@ -54,9 +55,9 @@ def test_overrides_apply_and_unknown_override_keys_fail(tmp_path):
     assert recipe.optim.lr == 3e-4
     assert recipe.method.target_modules == ["q_proj", "v_proj"]
     assert recipe.optim.max_grad_norm is None
-    with pytest.raises(RecipeError, match=r"scaling.num_worker: unknown key \(did you mean 'num_workers'\?\)"):
+    with pytest.raises(ConfigError, match=r"scaling.num_worker: unknown key \(did you mean 'num_workers'\?\)"):
         load_recipe(path, ["scaling.num_worker=4"])
-    with pytest.raises(RecipeError, match="expected dotted key=value"):
+    with pytest.raises(ConfigError, match="expected dotted key=value"):
         load_recipe(path, ["optim.lr"])
 
 

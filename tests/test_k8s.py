@@ -282,8 +282,8 @@ def entrypoint_args(job: dict, store: str = STORE) -> list[str]:
 def test_job_entrypoints_load_the_repos_recipes_and_searches(overlay):
     """`attune train RECIPE ...` / `attune tune SEARCH ...` with files from this repo, and the
     overrides validate as a local run's would; results go to the model store."""
-    from attune.config import Recipe, load_recipe
-    from attune.tune_config import load_search
+    from attune.recipe import Recipe, load_recipe
+    from attune.tune.config import load_search
 
     _, docs = overlay
     commands = set()

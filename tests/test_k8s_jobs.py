@@ -35,7 +35,7 @@ def cpu_jobs() -> dict[str, dict]:
 
 def run_job(address: str, entrypoint: str, store: Path, timeout_s: float = 900) -> str:
     """`ray job submit ... -- ENTRYPOINT`: what KubeRay's submitter pod runs (K8sJobMode), and
-    what users run against a cluster (README). Returns the job's logs."""
+    what users run against a cluster (docs/training.md). Returns the job's logs."""
     env = runtime_env()
     env["env_vars"].update(ATTUNE_STORE=str(store),
                            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")

@@ -23,7 +23,7 @@ from attune import k8s
 from attune.answers import qa_pairs
 from attune.config import validate
 from attune.serve import ServeConfig
-from attune.trainer import free_port
+from attune.cluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

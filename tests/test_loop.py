@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from attune import data
-from attune.config import load_recipe
+from attune.recipe import load_recipe
 from attune.loop import Loop, train_loop
 
 REPO = Path(__file__).resolve().parents[1]

@@ -251,7 +251,7 @@ def replica_processes(deployment: str) -> dict:
 
 def test_haproxy_hands_requests_to_the_ingress_replica_on_loopback(served_endpoint):
     """In attune's own Ray, Serve's HAProxy holds the endpoint's port, not Serve's Python proxy,
-    and the ingress replica answers HTTP itself (attune.trainer.embedded_cluster_env): on the
+    and the ingress replica answers HTTP itself (attune.cluster.embedded_cluster_env): on the
     endpoint's loopback host only, as the endpoint does, so no port of the app is open beyond
     the machine."""
     from urllib.parse import urlparse
@@ -274,7 +274,7 @@ def test_haproxy_hands_requests_to_the_ingress_replica_on_loopback(served_endpoi
 def test_engines_run_at_normal_priority_in_attunes_own_ray(served_endpoint):
     """Ray starts workers at nice 15; in the Ray attune starts for itself the model servers and
     their vLLM engine processes run at 0, as `vllm serve` does, and Serve's controller loop runs
-    less often (attune.trainer.embedded_cluster_env)."""
+    less often (attune.cluster.embedded_cluster_env)."""
     import os
 
     import psutil

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from attune.config import RecipeError, validate
+from attune.config import ConfigError, validate
 from attune.serve import ServeConfig
 
 TINY = {"id": "tiny-llama", "name_or_path": "attune:tiny-llama"}
@@ -23,7 +23,7 @@ TINY = {"id": "tiny-llama", "name_or_path": "attune:tiny-llama"}
     ({"base_models": [TINY], "engine": {"cpu_executor": "ray"}}, "engine.cpu_executor"),
 ])
 def test_bad_serving_configs_name_the_key(args, message):
-    with pytest.raises(RecipeError, match=message):
+    with pytest.raises(ConfigError, match=message):
         validate(ServeConfig, args, "serve args")
 
 
@@ -34,7 +34,7 @@ def test_one_model_may_be_served_directly():
 
 def test_building_a_direct_app_without_the_ha_proxy_says_what_to_set():
     """In a process started without RAY_SERVE_ENABLE_HA_PROXY=1, as pytest is (its embedded Ray
-    has it, from attune.trainer.embedded_cluster_env, but only while that Ray starts)."""
+    has it, from attune.cluster.embedded_cluster_env, but only while that Ray starts)."""
     from attune.serve import build_app
 
     with pytest.raises(RuntimeError, match="RAY_SERVE_ENABLE_HA_PROXY=1"):
@@ -120,7 +120,7 @@ def test_the_ingress_reaches_models_over_the_transport_its_own_replica_is_set_to
     environment (REPLICA_ENV) says."""
     from ray.serve._private import constants
 
-    from attune.serve.app import REPLICA_ENV
+    from attune.serve.llm_config import REPLICA_ENV
     from attune.serve.ingress import Ingress
 
     class Handle:  # records what the ingress asks of a DeploymentHandle
@@ -143,12 +143,12 @@ def test_replicas_skip_rays_download_step_only_for_models_on_disk(tmp_path, sour
     """Ray's node-init task fetches cloud mirrors; for a directory it is a no-op costing a process."""
     import asyncio
 
-    from attune.serve.app import _llm_config
+    from attune.serve.llm_config import llm_config
 
     source = str(tmp_path) if source == "local" else source
-    llm_config = _llm_config("tiny-full", source, validate(ServeConfig, {"base_models": [TINY]}, "args"),
-                             lora=False)
-    callback = llm_config.callback_config.callback_class(llm_config=llm_config)
+    built = llm_config("tiny-full", source, validate(ServeConfig, {"base_models": [TINY]}, "args"),
+                       lora=False)
+    callback = built.callback_config.callback_class(llm_config=built)
     asyncio.run(callback.on_before_node_init())
     assert callback.ctx.run_init_node is downloads
 
@@ -158,14 +158,14 @@ def test_replicas_skip_rays_download_step_only_for_models_on_disk(tmp_path, sour
     ({"direct_streaming": True, "engine": {"ray_metrics": True}}, True),
     ({"engine": {"ray_metrics": False}}, False)])
 def test_engine_metrics_go_through_ray_unless_the_endpoint_serves_them(args, exported):
-    from attune.serve.app import _llm_config
+    from attune.serve.llm_config import llm_config
 
     config = validate(ServeConfig, {"base_models": [TINY], **args}, "args")
-    assert _llm_config("tiny-full", "/models/tiny-full", config, lora=False).log_engine_metrics is exported
+    assert llm_config("tiny-full", "/models/tiny-full", config, lora=False).log_engine_metrics is exported
 
 
 def test_attunes_own_ray_runs_workers_at_normal_priority_and_fits_serve_to_the_cores(monkeypatch):
-    from attune.trainer import embedded_cluster_env
+    from attune.cluster import embedded_cluster_env
 
     for name in ("RAY_worker_niceness", "RAY_SERVE_HAPROXY_NBTHREAD",
                  "RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "RAY_SERVE_ENABLE_HA_PROXY",
@@ -199,7 +199,7 @@ def test_each_cluster_of_attunes_gets_serve_ports_of_its_own():
 
     from ray.serve._private import constants
 
-    from attune.trainer import SPARE_PORTS, own_serve_ports
+    from attune.cluster import SPARE_PORTS, own_serve_ports
 
     assert own_serve_ports(count(50000, 1000).__next__) == {
         "RAY_SERVE_HAPROXY_STATS_PORT": "50000", "RAY_SERVE_HAPROXY_METRICS_PORT": "51000",
@@ -215,22 +215,22 @@ def test_each_cluster_of_attunes_gets_serve_ports_of_its_own():
     ({}, "20"), ({"accelerator": "gpu"}, None), ({"engine": {"poll_sleep_us": 0}}, None),
     ({"accelerator": "gpu", "engine": {"poll_sleep_us": 50}}, "50")])
 def test_engines_on_cpu_wait_for_their_worker_without_spinning(args, sleep_us):
-    from attune.serve.app import _llm_config
+    from attune.serve.llm_config import llm_config
     from attune.serve.vllm_plugin import POLL_SLEEP_ENV
 
     config = validate(ServeConfig, {"base_models": [TINY], **args}, "args")
-    env = _llm_config("tiny-full", "/models/tiny-full", config, lora=False).runtime_env["env_vars"]
+    env = llm_config("tiny-full", "/models/tiny-full", config, lora=False).runtime_env["env_vars"]
     assert env.get(POLL_SLEEP_ENV) == sleep_us
 
 
 @pytest.mark.parametrize("args, executor", [
     ({}, "auto"), ({"engine": {"cpu_executor": "mp"}}, "mp"), ({"accelerator": "gpu"}, None)])
 def test_engines_on_cpu_are_told_where_to_run_the_model(args, executor):
-    from attune.serve.app import _llm_config
+    from attune.serve.llm_config import llm_config
     from attune.serve.vllm_plugin import CPU_EXECUTOR_ENV
 
     config = validate(ServeConfig, {"base_models": [TINY], **args}, "args")
-    env = _llm_config("tiny-full", "/models/tiny-full", config, lora=False).runtime_env["env_vars"]
+    env = llm_config("tiny-full", "/models/tiny-full", config, lora=False).runtime_env["env_vars"]
     assert env.get(CPU_EXECUTOR_ENV) == executor
 
 

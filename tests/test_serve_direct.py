@@ -22,7 +22,7 @@ from conftest import API_KEY, ServedEndpoint, ray_start_head, stop_group
 from test_serve import BAD_REQUESTS, QUESTIONS, ask, assert_refused_then_answers, client, post
 
 from attune.answers import exact_match
-from attune.trainer import free_port
+from attune.cluster import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from attune.answers import exact_match, greedy_answers, load_for_generation, qa_pairs
-from attune.config import load_recipe
+from attune.recipe import load_recipe
 from attune.trainer import fine_tune
 
 pytestmark = pytest.mark.slow
@@ -102,7 +102,7 @@ def test_a_workers_state_api_finds_its_own_cluster(ray_cluster, ray_head):
     """Train's PlacementGroupCleaner asks the State API, from inside the cluster, whether the run's
     controller is alive. With a second cluster on the machine (the `ray start` head here) a worker
     of the in-process cluster found none or the wrong one, so the cleaner either died, held each
-    run's end 12 s, or removed a live run's placement group (see attune.trainer.ensure_ray)."""
+    run's end 12 s, or removed a live run's placement group (see attune.cluster.ensure_ray)."""
     import ray
     from ray.util.state import get_actor
 

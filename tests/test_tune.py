@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from ray import tune
 
-from attune.config import RecipeError
+from attune.config import ConfigError
 from attune.registry import read_manifest
-from attune.tune_config import load_search
+from attune.tune.config import load_search
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCH = REPO / "tuning" / "tiny-full-asha.yaml"
@@ -49,7 +49,7 @@ def test_every_search_config_loads_and_validates_against_its_recipe(path):
      "60 steps leaves no room for a perturbation in a run of optim.max_steps=60"),
 ])
 def test_bad_search_fails_naming_the_problem(overrides, message):
-    with pytest.raises(RecipeError) as e:
+    with pytest.raises(ConfigError) as e:
         load_search(SEARCH, overrides)
     assert message in str(e.value)
 
@@ -57,7 +57,7 @@ def test_bad_search_fails_naming_the_problem(overrides, message):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["one trial too big", "too many trials at once"])
 def test_budget_the_cluster_cannot_meet_fails_before_any_trial(ray_cluster, case):
-    from attune.tune import run_search
+    from attune.tune.search import run_search
 
     cpus = int(ray_cluster.cluster_resources()["CPU"])
     if case == "one trial too big":
@@ -68,7 +68,7 @@ def test_budget_the_cluster_cannot_meet_fails_before_any_trial(ray_cluster, case
         message = f"{cpus // 2 + 1} trials at once do not fit"
 
     search, recipe_raw = load_search(SEARCH, ["name=too-big", *overrides])
-    with pytest.raises(RecipeError) as e:
+    with pytest.raises(ConfigError) as e:
         run_search(search, recipe_raw)
     assert message in str(e.value)
     assert not Path(recipe_raw["output"]["runs"], "too-big").exists()  # no trial was started
@@ -77,7 +77,7 @@ def test_budget_the_cluster_cannot_meet_fails_before_any_trial(ray_cluster, case
 @pytest.fixture(scope="module")
 def asha_search(ray_cluster, tiny_base):
     """Six trials over the learning rate, ASHA, 3 at a time; 1e-6 (learns nothing) comes last."""
-    from attune.tune import run_search
+    from attune.tune.search import run_search
 
     search, recipe_raw = load_search(SEARCH, [
         "name=test-asha", "num_samples=1", "budget.max_concurrent_trials=3", *SHORT,
@@ -123,7 +123,7 @@ def test_pbt_has_a_weak_trial_continue_from_the_strong_trials_checkpoint(ray_clu
     one's checkpoint, so its loss drops to where the strong trial was, which 1e-6 cannot do.
     The interval does not divide the 30 steps, so PBT makes no decision at the very end (one
     there could restart a finished trial from the other's final checkpoint)."""
-    from attune.tune import run_search
+    from attune.tune.search import run_search
 
     search, recipe_raw = load_search(SEARCH, [
         "name=test-pbt", "num_samples=1", *SHORT, "checkpoint.every_steps=10",
@@ -168,7 +168,7 @@ class InterruptAfterFirstTrial(tune.Callback):
 @pytest.mark.slow
 def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, tiny_base,
                                                                         tmp_path):
-    from attune.tune import run_search
+    from attune.tune.search import run_search
 
     search, recipe_raw = load_search(SEARCH, [
         "name=test-resume", "num_samples=1", "scheduler.type=fifo", "budget.max_concurrent_trials=2",

@@ -12,19 +12,17 @@ import sys
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from attune.modeling import load_tokenizer
 
 
 def load_for_generation(location: str):
     """A registry entry (full or LoRA, merged) or a base model directory, with its tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    from attune.modeling import load_tokenizer
-
     path = Path(location).expanduser()
     tokenizer = load_tokenizer(str(path))
     if (path / "adapter_config.json").exists():
-        from peft import PeftModel
-
         base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(path))
         model = model.merge_and_unload()

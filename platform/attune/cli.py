@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from attune.config import RecipeError
+from attune.config import ConfigError
 from attune.data import DataError
 
 # name -> module in attune.commands (each has HELP, add_arguments, run)
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return modules[args.command].run(args)
-    except (RecipeError, DataError) as e:  # bad input: one clear line, no traceback
+    except (ConfigError, DataError) as e:  # bad input: one clear line, no traceback
         print(f"attune: {e}", file=sys.stderr)
         return 2
 

@@ -173,6 +173,7 @@ class Tokenize:
 
     def __init__(self, tokenizer_path: str, chat_template: str | None, max_seq_len: int,
                  packing: bool):
+        # Runs in Ray Data's workers; the driver reads and checks records without torch.
         from attune.modeling import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_path, chat_template)
@@ -226,6 +227,7 @@ def local_rows(records: list[Record], tokenizer_path: str, chat_template: str | 
 
 def batches(rows: list[dict], batch_size: int, seed: int):
     """Shuffled batches of stacked rows, like Ray Data's `iter_torch_batches`."""
+    # Runs in the training workers; the driver reads and checks records without torch.
     import torch
 
     order = np.random.default_rng(seed).permutation(len(rows))

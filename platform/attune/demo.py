@@ -16,7 +16,15 @@ import os
 import secrets
 import time
 
+from openai import OpenAI
+
+from attune import modeling
 from attune.answers import greedy_answers, load_for_generation, qa_pairs
+from attune.recipe import load_recipe
+from attune.serve.config import config_from_recipe
+from attune.serve.local import run
+from attune.trainer import fine_tune
+from attune.ui import build_page, launch_page
 
 RECIPE = "recipes/tiny-full.yaml"
 SAMPLE = [0, 1, 3, 5, 40, 60, 100, 140, 180, 220]
@@ -43,19 +51,11 @@ def main() -> None:
     # One key for this demo, in the environment before Ray starts so the replicas see it.
     api_key = os.environ.setdefault("ATTUNE_API_KEYS", f"demo-{secrets.token_hex(8)}").split(",")[0]
 
-    from attune import modeling
-    from attune.config import load_recipe
-    from attune.trainer import fine_tune
-
     start = time.time()
     recipe = load_recipe(RECIPE)
     entry = fine_tune(recipe)
     print(f"[demo] fine-tuned in {time.time() - start:.0f}s: {entry}")
     side_by_side(modeling.resolve(recipe.model.name_or_path), entry)
-
-    from openai import OpenAI
-
-    from attune.serve.local import config_from_recipe, run
 
     endpoint = run(config_from_recipe(RECIPE), port=args.port)
     client = OpenAI(base_url=endpoint.base_url, api_key=api_key)
@@ -72,8 +72,6 @@ def main() -> None:
 
 def chat(base_url: str, api_key: str, model: str, port: int = 7860) -> None:
     """The chat page on the endpoint, the fine-tuned model selected; blocks until Ctrl-C."""
-    from attune.ui import build_page, launch_page
-
     os.environ["ATTUNE_API_KEY"] = api_key  # the page's key stays on the server side
     page = build_page(base_url, model=model, compare_model="tiny-llama")
     print(f"[demo] chat page: http://127.0.0.1:{port}/  (Ctrl-C to stop)", flush=True)

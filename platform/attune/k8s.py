@@ -17,21 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from attune.config import RecipeError, validate
+from attune.config import ConfigError, StrictConfig, validate
+from attune.serve.config import ServeConfig, app_args
 
 GENERATED = "serve-config.generated.yaml"
 
 
-class K8sError(RecipeError):
+class K8sError(ConfigError):
     """An overlay that cannot be rendered; the message names the file."""
 
 
-class ServeSource(BaseModel):
+class ServeSource(StrictConfig):
     """k8s/overlays/<name>/serve.yaml: where the overlay's serveConfigV2 comes from."""
 
-    model_config = ConfigDict(extra="forbid")
     deployment: str = Field(description="Ray Serve config file, relative to the repository root.")
     patch: dict[str, Any] = Field(
         default_factory=dict, description="Deep-merged into the config: mappings merge key by key, "
@@ -46,8 +46,10 @@ def serve_config(root: Path, overlay: str) -> dict:
     """The Serve config for an overlay: its deployments/ file with the overlay's patch merged in."""
     source_path = root / "k8s" / "overlays" / overlay / "serve.yaml"
     source = validate(ServeSource, _load(source_path), source=str(source_path))
-    base = _load(root / source.deployment)
-    return merge(base, source.patch, where=f"{source_path}: patch")
+    merged = merge(_load(root / source.deployment), source.patch, where=f"{source_path}: patch")
+    # the patched args must still be a serving config: a misspelt key fails here, not in the pod
+    validate(ServeConfig, app_args(merged, source_path), source=f"{source_path}: patched args")
+    return merged
 
 
 def merge(base: Any, patch: Any, where: str = "patch") -> Any:

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import get_scheduler
 
 from attune import parallel
-from attune.config import Recipe
+from attune.recipe import Recipe
 from attune.modeling import load_model, training_dtype
 
 STATE_FILE = "trainer_state.pt"
@@ -64,8 +66,6 @@ def build_model(recipe: Recipe, base_path: str, device: torch.device, resume_fro
     weights = base_path if is_lora or not resume_from else os.path.join(resume_from, MODEL_DIR)
     model = load_model(weights, dtype, recipe.model.attn_implementation)
     if is_lora:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
         if resume_from:
             model = PeftModel.from_pretrained(model, os.path.join(resume_from, MODEL_DIR),
                                               is_trainable=True)
@@ -79,8 +79,6 @@ def build_model(recipe: Recipe, base_path: str, device: torch.device, resume_fro
 
 def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
     """Run the recipe's optimisation; returns the final metrics (on every rank)."""
-    from transformers import get_scheduler
-
     torch.manual_seed(recipe.optim.seed)
     o, device = recipe.optim, loop.device
     max_steps = o.max_steps or math.ceil(o.epochs * loop.steps_per_epoch)
@@ -251,8 +249,8 @@ def _progress_line(m: dict, max_steps: int) -> str:
 def _log(line: str) -> None:
     if parallel.rank() == 0:
         # Written, not printed: in a Ray Train worker, Train's patched print hands each line to
-        # its logger (stderr) and, as Ray wraps sys.stdout, to stdout too, and the driver
-        # showed every progress line twice.
+        # its logger (stderr) and, as Ray wraps sys.stdout, to stdout too, so the driver would
+        # show every progress line twice.
         sys.stdout.write(f"[attune] {line}\n")
         sys.stdout.flush()
 

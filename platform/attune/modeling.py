@@ -15,6 +15,16 @@ import os
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from attune.corpus import examples
 
 from attune.config import attune_home
 
@@ -57,11 +67,6 @@ def ensure_tiny_llama(root: Path | None = None) -> Path:
 
 def build_tiny_llama(out: Path, seed: int = 0) -> Path:
     """Train the tokenizer on the bundled corpus, initialise the model, save both to `out`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from attune.corpus import examples
-
     texts = [m["content"] for e in examples() for m in e["messages"]]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -94,8 +99,6 @@ def training_dtype(dtype: str, on_gpu: bool) -> torch.dtype:
 
 
 def load_tokenizer(path: str, chat_template: str | None = None):
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(path)
     if chat_template:
         tokenizer.chat_template = chat_template
@@ -105,8 +108,6 @@ def load_tokenizer(path: str, chat_template: str | None = None):
 
 
 def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa"):
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                 attn_implementation=attn_implementation)
 

@@ -10,6 +10,8 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -44,11 +46,7 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.n
     if not is_distributed():
         return model
     if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard
-
     # transformers names the blocks that must not be split; those are the FSDP units.
     unit_names = set(getattr(_hf_model(model), "_no_split_modules", None) or [])
     for module in model.modules():

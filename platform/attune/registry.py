@@ -17,7 +17,10 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from attune.config import Recipe
+import pyarrow.fs as pafs
+
+from attune.plots import plot_losses
+from attune.recipe import Recipe
 
 MANIFEST = "attune.json"
 
@@ -29,18 +32,18 @@ def entry_location(recipe: Recipe) -> str:
     return str(Path(root).expanduser().resolve() / recipe.entry_name)
 
 
-def write_entry(recipe: Recipe, checkpoint_dir: Path, base_path: str, *, data_hash: str,
-                data_stats: dict, extra: dict | None = None) -> str:
-    """Turn a final training checkpoint into a registry entry; returns its location."""
-    from attune.loop import HISTORY_FILE, MODEL_DIR
-    from attune.modeling import load_tokenizer
+def write_entry(recipe: Recipe, model_dir: Path, history: list[dict], *, base_path: str,
+                tokenizer, data_hash: str, data_stats: dict, extra: dict | None = None) -> str:
+    """Publish a trained model as the recipe's registry entry; returns its location.
 
+    `model_dir` holds the weights or the adapter (save_pretrained), `history` the metrics of each
+    report, `tokenizer` the one to serve it with (its chat template included).
+    """
     location = entry_location(recipe)
-    history = json.loads((checkpoint_dir / HISTORY_FILE).read_text())
     with tempfile.TemporaryDirectory(prefix="attune-entry-") as tmp:
         staging = Path(tmp) / recipe.entry_name
-        shutil.copytree(checkpoint_dir / MODEL_DIR, staging)
-        load_tokenizer(base_path, recipe.data.chat_template).save_pretrained(staging)
+        shutil.copytree(model_dir, staging)
+        tokenizer.save_pretrained(staging)
         if recipe.method.type == "lora":
             _point_adapter_at_base(staging, base_path)
         manifest = _manifest(recipe, base_path, history, data_hash, data_stats, extra or {})
@@ -80,29 +83,9 @@ def _manifest(recipe: Recipe, base_path: str, history: list[dict], data_hash: st
     }
 
 
-def plot_losses(history: list[dict], out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
-    evals = [h for h in history if "eval_loss" in h]
-    if evals:
-        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], label="eval loss")
-    ax.set(xlabel="step", ylabel="loss", title=title, yscale="log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-
-
 def _publish(staging: Path, location: str) -> None:
     """Replace the entry at `location` with `staging` (atomically for local directories)."""
     if "://" in location:
-        import pyarrow.fs as pafs
-
         fs, path = filesystem(location)
         fs.delete_dir_contents(path, missing_dir_ok=True)
         pafs.copy_files(str(staging), path, destination_filesystem=fs)
@@ -129,8 +112,6 @@ def read_manifest(location: str) -> dict:
 def filesystem(location: str):
     """(pyarrow filesystem, path) for a local path or a URI. S3 honours AWS_ENDPOINT_URL, so an
     S3-compatible store (MinIO, a local test server) works like AWS."""
-    import pyarrow.fs as pafs
-
     if "://" not in location:
         return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

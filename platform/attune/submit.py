@@ -15,6 +15,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from ray.job_submission import JobStatus, JobSubmissionClient
+
 import attune
 
 # What a job needs beside the code: where the registry and runs go is the recipe's business.
@@ -29,8 +31,6 @@ def runtime_env() -> dict:
 
 
 def submit(args: list[str], address: str | None = None, wait: bool = True) -> int:
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     client = JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265")
     entrypoint = "python -m attune " + " ".join(shlex.quote(a) for a in args)

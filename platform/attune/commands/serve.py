@@ -14,7 +14,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import time
 
-    from attune.serve.local import config_from_file, run as serve_locally
+    from attune.serve.config import config_from_file
+    from attune.serve.local import run as serve_locally
 
     config = config_from_file(args.config, args.overrides)  # fails before Ray starts
     endpoint = serve_locally(config, host=args.host, port=args.port)

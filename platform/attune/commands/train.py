@@ -9,7 +9,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from attune.config import load_recipe
+    from attune.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # fails before any cluster work
     from attune.trainer import fine_tune

@@ -16,10 +16,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from attune.tune_config import load_search
+    from attune.tune.config import load_search
 
     search, recipe_raw = load_search(args.search, args.overrides)  # fails before any cluster work
-    from attune.tune import run_search
+    from attune.tune.search import run_search
 
     outcome = run_search(search, recipe_raw)
     if outcome.interrupted:

@@ -12,6 +12,7 @@ __all__ = ["ServeConfig", "build_app"]
 
 def __getattr__(name: str):
     if name == "build_app":
+        # Loaded on first use: Ray Serve reads settings from the environment when it loads.
         from attune.serve.app import build_app
 
         return build_app

@@ -13,6 +13,9 @@ import json
 import os
 from pathlib import Path
 
+import ray
+from ray.serve.context import _get_global_client
+
 LOOPBACK_NAMES = {"localhost"}
 # Health and readiness stay open: Serve's own routes, and vLLM's when it is the ingress.
 OPEN_PATHS = {"/-/healthz", "/-/routes", "/health", "/ping"}
@@ -79,7 +82,4 @@ class ApiKeyMiddleware:
 
 def _serve_http_host() -> str:
     """The host Serve's HTTP proxies bind, asked of the controller (we run inside a replica)."""
-    import ray
-    from ray.serve.context import _get_global_client
-
     return ray.get(_get_global_client()._controller.get_http_config.remote()).host

@@ -1,33 +1,36 @@
 """The serving config: which models to serve, on what, and who may call them.
 
+    config = config_from_file("deployments/tiny.yaml")     # or a recipe, or bare args
+
 The same mapping is the `args` of a Ray Serve application (`import_path: attune.serve:build_app`)
 in deployments/*.yaml, in a RayService's serveConfigV2, and what `attune serve` builds from a
-recipe. Unknown keys and impossible combinations fail before anything is deployed.
+recipe. Unknown keys and impossible combinations fail before anything is deployed. This module
+is the one place a serving config is read from a file (`attune serve`, `promote`, `k8s`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from attune import registry
+from attune.config import ConfigError, StrictConfig, read_mapping, validate
+from attune.recipe import load_recipe
+
+# What a Ray Serve config's application names to run attune's serving app.
+IMPORT_PATH = "attune.serve:build_app"
 
 
-# Serve's switch for its HAProxy ingress, which direct streaming needs; read once, at start.
-HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class BaseModelSpec(_Strict):
+class BaseModelSpec(StrictConfig):
     id: str = Field(description="Model id clients ask for, e.g. 'tiny-llama'.",
                     pattern=r"^[A-Za-z0-9._/-]+$")
     name_or_path: str = Field(description="Hugging Face id, local directory, or "
                               "'attune:tiny-llama' (built on first use).")
 
 
-class EngineConfig(_Strict):
+class EngineConfig(StrictConfig):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="vLLM weight dtype; 'auto' keeps the checkpoint's.")
     max_model_len: int = Field(1024, ge=16, description="Longest prompt plus completion, tokens.")
@@ -60,7 +63,7 @@ class EngineConfig(_Strict):
     extra: dict = Field(default_factory=dict, description="More vLLM engine arguments, verbatim.")
 
 
-class AutoscalingConfig(_Strict):
+class AutoscalingConfig(StrictConfig):
     min_replicas: int = Field(1, ge=0, description="Replicas kept up per model (0 scales to zero).")
     max_replicas: int = Field(1, ge=1, description="Most replicas per model.")
     target_ongoing_requests: int = Field(16, ge=1, description="Requests per replica the "
@@ -74,7 +77,7 @@ class AutoscalingConfig(_Strict):
         return self
 
 
-class ServeConfig(_Strict):
+class ServeConfig(StrictConfig):
     base_models: list[BaseModelSpec] = Field(min_length=1, description="Base models to serve; "
                                              "LoRA adapters are served on top of these.")
     entries: list[str] = Field(default_factory=list, description="Registry entries to serve: a "
@@ -119,3 +122,42 @@ class ServeConfig(_Strict):
                 f"{' and a lora_store' if self.lora_store else ''}. To serve a full fine-tune "
                 "directly, name its registry directory as the one base model.")
         return self
+
+
+def config_from_file(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ServeConfig:
+    """A Ray Serve config file (its attune application's args), bare args, or a recipe, which
+    serves its base model plus its registry entry (`overrides` apply to a recipe)."""
+    raw = read_mapping(path, "serving config")
+    if "applications" in raw:
+        return validate(ServeConfig, app_args(raw, path), f"{path}: args")
+    if "base_models" in raw:
+        return validate(ServeConfig, raw, str(path))
+    if "name" in raw and "optim" in raw:
+        return config_from_recipe(path, overrides)
+    raise ConfigError(f"{path}: neither a recipe nor a serving config (no applications, "
+                      "base_models, or name and optim)")
+
+
+def app_args(serve_file: dict, source: str | Path) -> dict:
+    """The args of attune's application in a Ray Serve config (the mapping itself, editable)."""
+    for app in serve_file.get("applications") or []:
+        if isinstance(app, dict) and str(app.get("import_path", "")) == IMPORT_PATH:
+            return app.setdefault("args", {})
+    raise ConfigError(f"{source}: no application with import_path {IMPORT_PATH}")
+
+
+def config_from_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ServeConfig:
+    """Serve what a recipe trains: its base model and its registry entry."""
+    recipe = load_recipe(path, overrides)
+    entry = registry.entry_location(recipe)
+    is_lora = recipe.method.type == "lora"
+    return ServeConfig(
+        base_models=[BaseModelSpec(id=_base_id(recipe.model.name_or_path),
+                                   name_or_path=recipe.model.name_or_path)],
+        entries=[entry],
+        lora_store=(f"{entry.rsplit('/', 1)[0]}/.adapters" if is_lora and "://" in entry else None),
+    )
+
+
+def _base_id(name_or_path: str) -> str:
+    return name_or_path.removeprefix("attune:").rstrip("/").rsplit("/", 1)[-1]

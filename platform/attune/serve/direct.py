@@ -18,22 +18,22 @@ import json
 
 from ray.llm._internal.serve.core.ingress.builder import _build_direct_streaming_llm_deployment
 from ray.llm._internal.serve.core.server.llm_server import _add_middleware_to_built_app
+from ray.serve._private import constants as serve_constants
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig
 
+from attune.cluster import HA_PROXY_ENV
 from attune.serve.auth import ApiKeyMiddleware, openai_error
-from attune.serve.config import HA_PROXY_ENV, ServeConfig
+from attune.serve.config import ServeConfig
 from attune.serve.ingress import RetryAfterMiddleware, unknown_role
+from attune.serve.llm_config import llm_configs
 from attune.serve.server import LLMServer
 
 
 def direct_app(config: ServeConfig) -> Application:
-    from ray.serve._private.constants import RAY_SERVE_ENABLE_HA_PROXY
-
-    from attune.serve.app import llm_configs
-
-    if not RAY_SERVE_ENABLE_HA_PROXY:
+    """The app for a config with direct_streaming: true (one model, no LoRA)."""
+    if not serve_constants.RAY_SERVE_ENABLE_HA_PROXY:
         raise RuntimeError(
             f"direct_streaming needs {HA_PROXY_ENV}=1 where the app is built and in the Ray "
             f"cluster's environment from its start (`{HA_PROXY_ENV}=1 ray start --head`, or the "

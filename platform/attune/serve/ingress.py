@@ -7,8 +7,8 @@ as plain HTTP exceptions (an unknown model) come back in OpenAI's error shape, n
 
 Every token the default app streams crosses this replica, so two of Ray's per-chunk costs are
 taken out: the model handles use Serve's gRPC channel, and Ray's exception middleware is plain
-ASGI (bench/serve.py measures both, README "Serving benchmark"). And a response ends at its
-`data: [DONE]`, not a message later when the model server's stream has ended.
+ASGI. A response also ends at its `data: [DONE]`, not a message later when the model server's
+stream has ended.
 """
 
 from __future__ import annotations
@@ -58,11 +58,10 @@ def unknown_role(messages: list) -> str | None:
 
 class Ingress(OpenAiIngress):
     def __init__(self, llm_deployments: dict, *args, **kwargs):
-        # A handle carries the transport of the process that created it: these were made where
-        # the app was built (`attune serve`, `serve deploy`'s build task), which did not set
-        # RAY_SERVE_USE_GRPC_BY_DEFAULT, so every streamed chunk went back as a Ray object
-        # (a thread-pool hop and an RPC per chunk in the model server). The replica's own
-        # environment (REPLICA_ENV) decides instead.
+        # A handle carries the transport of the process that created it, here the one that built
+        # the app (`attune serve`, `serve deploy`'s build task), where RAY_SERVE_USE_GRPC_BY_DEFAULT
+        # is unset: every streamed chunk would go back as a Ray object (a thread-pool hop and an
+        # RPC per chunk in the model server). The replica's own environment (REPLICA_ENV) decides.
         from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
 
         by_reference = not RAY_SERVE_USE_GRPC_BY_DEFAULT
@@ -73,7 +72,7 @@ class Ingress(OpenAiIngress):
     async def _get_response(self, **kwargs) -> AsyncIterator:
         # The client's stream ends with `data: [DONE]`; the model server's ends a message later,
         # when its generator has returned, which under load is one more turn of two busy event
-        # loops (10+ ms at concurrency 32). The response ends at [DONE]; the rest of the
+        # loops (over 10 ms at concurrency 32). The response ends at [DONE]; the rest of the
         # model server's stream is read in the background, so its request ends as normal.
         stream = super()._get_response(**kwargs)
         async for response in stream:

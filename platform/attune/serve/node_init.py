@@ -3,10 +3,9 @@
 Before its engine starts, every `ray.serve.llm` replica runs a Ray task on each node of its
 placement group to fetch the model from a cloud mirror (s3://, gs://, ...). For a local
 directory (a registry entry, the bundled tiny model, a mounted volume) that task downloads
-nothing, yet it is a fresh worker process importing Ray's LLM stack and torch: 10-12 s of each
-replica start on a 2-core machine (measured in a RayService deploy's replica log). Ray leaves the
-step to a callback (`LLMConfig.callback_config`); this one turns it off for local directories
-and keeps it for everything else.
+nothing, yet it is a fresh worker process importing Ray's LLM stack and torch: about 10 s of each
+replica start on 2 cores. Ray leaves the step to a callback (`LLMConfig.callback_config`); this
+one turns it off for local directories and keeps it for everything else.
 """
 
 from __future__ import annotations

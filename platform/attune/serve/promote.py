@@ -1,4 +1,7 @@
-"""Promotion: a registry entry becomes servable by an app built from a Serve config file."""
+"""Promotion: a registry entry becomes servable by an app built from a Serve config file.
+
+    promote("~/.attune/registry/tiny-lora", "deployments/tiny.yaml")
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,9 @@ from pathlib import Path
 
 import yaml
 
+from attune.config import read_mapping
+from attune.serve.config import app_args, config_from_file
 from attune.serve.entries import check_servable, promote_adapter, read_entry
-from attune.serve.local import config_from_file
 
 
 def promote(entry_location: str, config_path: str) -> str:
@@ -18,11 +22,11 @@ def promote(entry_location: str, config_path: str) -> str:
     if entry.is_lora:
         model_id = promote_adapter(entry, config)
         return f"promoted {entry.name}: the running app serves it now as '{model_id}'"
-    text = Path(config_path).read_text()
-    raw = yaml.safe_load(text)
-    args = next(a for a in raw["applications"] if a["import_path"].startswith("attune.serve"))["args"]
+    raw = read_mapping(config_path, "serving config")
+    args = app_args(raw, config_path)
     if entry_location not in args.setdefault("entries", []):
         args["entries"].append(entry_location)
+        text = Path(config_path).read_text()
         header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
         Path(config_path).write_text(header + yaml.safe_dump(raw, sort_keys=False))
-    return (f"added {entry.name} to {config_path}; roll it out with: serve deploy {config_path}")
+    return f"added {entry.name} to {config_path}; roll it out with: serve deploy {config_path}"

@@ -1,23 +1,15 @@
 """attune's vLLM plugin (entry point `vllm.general_plugins`): CPU engines tuned for few cores.
 
 vLLM loads every installed general plugin in each of its processes, so this one acts only where
-the serving app asked for it, through the engine's environment. Without those variables, a
-`vllm serve` in the same environment stays plain vLLM.
+the engine's environment asks for it; without those variables `vllm serve` stays plain vLLM.
 
-ATTUNE_VLLM_CPU_EXECUTOR (`engine.cpu_executor`): where the model runs on CPU. vLLM asks for its
-in-process executor ('uni', what it uses for one GPU), but its CPU platform always replaces it
-with a worker process of its own ('mp'), bound to the node's cores but one, which it keeps for
-the engine process. On a node of two CPUs that worker computes on one core, as the engine process
-would, and costs two hand-offs through a shared-memory queue per step; 'auto' keeps vLLM's 'uni'
-there (README: Serving, and its benchmark).
+ATTUNE_VLLM_CPU_EXECUTOR (`engine.cpu_executor`): vLLM's CPU platform always runs the model in a
+worker process ('mp') bound to all cores but one. On 2 CPUs that worker computes on one core, as
+the engine process would, and adds two shared-memory hand-offs per step; 'auto' keeps 'uni' there.
 
-ATTUNE_VLLM_POLL_SLEEP_US (`engine.poll_sleep_us`): with a worker process, the engine waits for it
-on that queue by spinning: check, os.sched_yield(), check again, for a second after every result.
-The call releases Python's GIL only for its own instant, so on a few cores the engine's other
-threads, the ones that take requests in and send tokens out, rarely win the GIL while a request
-runs: tokens reached clients in bursts, often all of a request's at its end, `vllm serve` alike.
-The worker waits for the next step the same way and keeps its core busy. Sleeping a few
-microseconds instead blocks for real: the GIL and the core go to whoever waits.
+ATTUNE_VLLM_POLL_SLEEP_US (`engine.poll_sleep_us`): with a worker process, both sides wait on that
+queue by spinning on os.sched_yield(), which on a few cores starves the engine's request and
+token threads of the GIL, so tokens reach clients in bursts. A short sleep blocks for real.
 """
 
 from __future__ import annotations
@@ -47,6 +39,7 @@ def _keep_the_model_in_the_engine_process() -> None:
     executor = cpu_executor(os.environ.get(CPU_EXECUTOR_ENV))
     if executor in ("", "mp"):
         return
+    # vLLM's modules only where the hook acts: attune's app imports this module for its names.
     from vllm.platforms import cpu
 
     platform_check = cpu.CpuPlatform.check_and_update_config.__func__
@@ -64,8 +57,8 @@ def _keep_the_model_in_the_engine_process() -> None:
             parallel.distributed_executor_backend = "uni"
             # One compute thread, as the worker had on its one core. vLLM keeps torch at one in
             # the engine process, but its own OpenMP kernels would start a thread per CPU, which
-            # then wait on each other beside the server's threads: 0.71x the tokens/s at
-            # concurrency 1 on 2 CPUs. The engine process inherits this from here, its parent.
+            # then wait on each other beside the server's threads (about 0.7x the tokens/s on
+            # 2 CPUs). The engine process inherits this from here, its parent.
             os.environ.setdefault("OMP_NUM_THREADS", "1")
             logger.info("attune: the model runs in vLLM's engine process, executor 'uni', "
                         "OMP_NUM_THREADS=%s (%s=%s, %d CPUs)", os.environ["OMP_NUM_THREADS"],
@@ -78,6 +71,7 @@ def _wait_without_spinning() -> None:
     sleep_us = poll_sleep_us(os.environ.get(POLL_SLEEP_ENV))
     if not sleep_us:
         return
+    # vLLM's modules only where the hook acts, as above.
     from vllm.distributed.device_communicators import shm_broadcast
 
     if not callable(getattr(shm_broadcast, "sched_yield", None)):

@@ -12,7 +12,8 @@ from attune.ui.page import build_page, launch_page
 
 
 def build_app(args: dict | None = None):
-    """Serve builder (import_path attune.ui:build_app); Ray is imported only when serving."""
+    """Serve builder (import_path attune.ui:build_app)."""
+    # Ray is loaded only when the page is served by Ray: `attune chat` starts without it.
     from attune.ui.serve import build_app as build
 
     return build(args)

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from ray import serve
 
+from attune.config import StrictConfig
 from attune.ui.endpoint import DEFAULT_ENDPOINT
 
 
-class ChatAppArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatAppArgs(StrictConfig):
+    """The args of the chat page's Serve application."""
 
     endpoint: str = Field(DEFAULT_ENDPOINT, description="OpenAI-compatible base URL, ending in /v1.")
     model: str | None = Field(None, description="Model selected when the page opens (if served).")

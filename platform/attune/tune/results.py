@@ -11,7 +11,10 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from attune.tune_trial import CHECKPOINT_PATH
+from attune.plots import plot_losses, plot_metric_curves
+
+# The key TuneReportCallback puts a reported checkpoint's path under.
+CHECKPOINT_PATH = "checkpoint_path"
 
 
 @dataclass
@@ -88,30 +91,18 @@ def write_results(rows: list[TrialRow], grid, out_dir: Path, metric: str) -> Non
 
 def _plot_curves(grid, out_dir: Path, metric: str) -> None:
     """One figure with every trial's curve (where ASHA's cuts show), and one figure per trial."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from attune.registry import plot_losses
-
     (out_dir / "curves").mkdir(exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    curves = {}
     for result in grid:
         frame = result.metrics_dataframe
         if frame is None or metric not in frame or "step" not in frame:
             continue
         trial = result.metrics.get("trial_id") or Path(result.path).name
-        ax.plot(frame["step"], frame[metric], marker=".", label=trial)
+        curves[trial] = (list(frame["step"]), list(frame[metric]))
         history = frame[[c for c in ("step", "loss", "eval_loss") if c in frame]].to_dict("records")
         if "loss" in frame:
             plot_losses(history, out_dir / "curves" / f"{trial}.png", title=trial)
-    ax.set(xlabel="step", ylabel=metric, title=f"{metric} per trial", yscale="log")
-    if len(ax.lines) <= 12:  # beyond, a legend covers the curves; curves/<trial>.png name them
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "curves.png")
-    plt.close(fig)
+    plot_metric_curves(curves, out_dir / "curves.png", metric)
 
 
 def as_dict(row: TrialRow) -> dict:

@@ -3,7 +3,7 @@
     search, recipe_raw = load_search("tuning/tiny-full-asha.yaml")
     outcome = run_search(search, recipe_raw)   # outcome.entry: the registry entry of the best trial
 
-Each trial is a Ray Train run of the recipe (attune.tune_trial); the scheduler sees eval loss
+Each trial is a Ray Train run of the recipe (attune.tune.trial); the scheduler sees eval loss
 at every eval step. The experiment lives in the recipe's output.runs under the search's name;
 running the same search again restores it (`Tuner.restore`): finished trials keep their
 results and only unfinished ones run.
@@ -17,11 +17,31 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
+import ray
+import ray.train
 from ray import tune
+from ray.tune.schedulers import (
+    ASHAScheduler,
+    FIFOScheduler,
+    MedianStoppingRule,
+    PopulationBasedTraining,
+)
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
+from ray.util import placement_group_table, remove_placement_group
+from ray.util.placement_group import PlacementGroup
 
-from attune.config import Recipe, RecipeError
-from attune.tune_config import SearchConfig, pbt_interval
-from attune.tune_results import TrialRow, best_row, format_table, trial_rows, write_results
+from attune import modeling
+from attune.cluster import ensure_ray
+from attune.config import ConfigError
+from attune.prepare import prepare_data
+from attune.recipe import Recipe
+from attune.trainer import storage_uri, write_result
+from attune.tune.config import SearchConfig, pbt_interval, trial_recipe
+from attune.tune.results import TrialRow, best_row, format_table, trial_rows, write_results
+from attune.tune.trial import run_trial, run_trial_in_stretches
 
 # The trial actor only drives its Train run (whose workers reserve their own resources); Ray's
 # guide keeps Tune's default of one CPU for it, so the budget counts it too.
@@ -41,14 +61,11 @@ class SearchOutcome:
 
 def run_search(search: SearchConfig, recipe_raw: dict, callbacks: list | None = None) -> SearchOutcome:
     """Run (or resume) the experiment; `callbacks` are Ray Tune callbacks, kept on restore."""
-    from attune import modeling
-    from attune.trainer import _storage, ensure_ray, prepare_data
-
     recipe = Recipe.model_validate(recipe_raw)
     base_path = modeling.resolve(recipe.model.name_or_path)
     ensure_ray()
     concurrency = trial_slots(search, recipe)  # fails before any trial starts
-    storage = _storage(recipe.output.runs)
+    storage = storage_uri(recipe.output.runs)
     experiment_path = f"{storage.rstrip('/')}/{search.name}"
     resuming = _can_resume(search, recipe_raw, experiment_path)
     # One tokenized copy for every trial, unless the space changes the data itself.
@@ -94,8 +111,6 @@ def _interrupted(grid, search: SearchConfig, elapsed_s: float) -> bool:
 
 def _trainable(search: SearchConfig, recipe: Recipe, recipe_raw: dict, base_path: str, prepared,
                train_storage: str):
-    from attune.tune_trial import run_trial, run_trial_in_stretches
-
     common = dict(recipe_raw=recipe_raw, base_path=base_path, prepared=prepared,
                   train_storage=train_storage)
     if search.scheduler.type == "pbt":
@@ -121,8 +136,6 @@ def _new_tuner(search: SearchConfig, recipe: Recipe, trainable, concurrency: int
 
 def trial_slots(search: SearchConfig, recipe: Recipe) -> int:
     """Trials the cluster can run at once given the recipe's scaling, checked against the budget."""
-    import ray
-
     sc = recipe.scaling
     need = {"CPU": TRIAL_DRIVER["CPU"] + sc.num_workers * sc.cpus_per_worker,
             "GPU": sc.num_workers * sc.gpus_per_worker}
@@ -130,19 +143,17 @@ def trial_slots(search: SearchConfig, recipe: Recipe) -> int:
     fits = min(int(have.get(res, 0) // amount) for res, amount in need.items() if amount > 0)
     if fits == 0:
         short = next(r for r, a in need.items() if a > 0 and have.get(r, 0) < a)
-        raise RecipeError(f"budget: one trial needs {need[short]:g} {short} (scaling.num_workers="
+        raise ConfigError(f"budget: one trial needs {need[short]:g} {short} (scaling.num_workers="
                           f"{sc.num_workers}) but the cluster has {have.get(short, 0):g}")
     wanted = search.budget.max_concurrent_trials
     if wanted is not None and wanted > fits:
-        raise RecipeError(f"budget.max_concurrent_trials: {wanted} trials at once do not fit; "
+        raise ConfigError(f"budget.max_concurrent_trials: {wanted} trials at once do not fit; "
                           f"each needs {_show(need)} and the cluster has {_show(have)}, enough "
                           f"for {fits}")
     return min(wanted or fits, search.num_trials())
 
 
 def _placement_groups() -> set[str]:
-    from ray.util import placement_group_table
-
     return set(placement_group_table())
 
 
@@ -155,10 +166,6 @@ def _release_leaked_placement_groups(before: set[str]) -> None:
     stays reserved. Once the experiment is over no group it made is in use; only groups of this
     job (the job id ends a group's id) are touched.
     """
-    import ray
-    from ray.util import placement_group_table, remove_placement_group
-    from ray.util.placement_group import PlacementGroup
-
     job = ray.get_runtime_context().get_job_id()
     for pg_id, info in placement_group_table().items():
         if pg_id not in before and pg_id.endswith(job) and info["state"] == "CREATED":
@@ -172,8 +179,6 @@ def _search_record(search: SearchConfig, recipe_raw: dict) -> str:
 
 def _can_resume(search: SearchConfig, recipe_raw: dict, experiment_path: str) -> bool:
     """Whether the experiment exists; restoring runs the stored search, so it must be this one."""
-    import pyarrow.fs as pafs
-
     if not tune.Tuner.can_restore(experiment_path):
         return False
     fs, path = pafs.FileSystem.from_uri(experiment_path)
@@ -183,15 +188,13 @@ def _can_resume(search: SearchConfig, recipe_raw: dict, experiment_path: str) ->
     except FileNotFoundError:
         stored = None
     if stored != _search_record(search, recipe_raw):
-        raise RecipeError(f"name: an experiment named {search.name!r} with a different search or "
+        raise ConfigError(f"name: an experiment named {search.name!r} with a different search or "
                           f"recipe exists at {experiment_path}; give this search another name "
                           "(name=...) or remove that directory")
     return True
 
 
 def _write_text(location: str, text: str) -> None:
-    import pyarrow.fs as pafs
-
     fs, path = pafs.FileSystem.from_uri(location)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
@@ -203,13 +206,6 @@ def _show(resources: dict) -> str:
 
 
 def _scheduler(search: SearchConfig, recipe: Recipe):
-    from ray.tune.schedulers import (
-        ASHAScheduler,
-        FIFOScheduler,
-        MedianStoppingRule,
-        PopulationBasedTraining,
-    )
-
     s, max_steps = search.scheduler, recipe.optim.max_steps
     grace = min(s.grace_period or 2 * recipe.eval.every_steps, max_steps)
     if s.type == "asha":
@@ -236,24 +232,13 @@ def _mutation(dim):
 def _searcher(search: SearchConfig, concurrency: int):
     """The searcher, limited to `concurrency` trials in flight (so no Train run waits for workers)."""
     if search.searcher.type == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-
         return ConcurrencyLimiter(OptunaSearch(seed=search.seed), max_concurrent=concurrency)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     return BasicVariantGenerator(random_state=search.seed, max_concurrent=concurrency)
 
 
 def _write_best(search, recipe_raw, best: TrialRow, result, base_path, prepared, storage: str,
                 num_trials: int) -> str:
     """The best trial's final checkpoint as a registry entry named after the search."""
-    import pyarrow.fs as pafs
-    import ray.train
-
-    from attune.trainer import prepare_data, write_result
-    from attune.tune_config import trial_recipe
-
     recipe = trial_recipe(recipe_raw, best.params, name=search.name)
     recipe.output.name = search.name  # never overwrite the recipe's own entry
     if prepared is None:

@@ -21,16 +21,15 @@ import uuid
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from attune.tune_config import trial_recipe
-
-# The key TuneReportCallback puts a reported checkpoint's path under.
-CHECKPOINT_PATH = "checkpoint_path"
+from attune.loop import HISTORY_FILE
+from attune.trainer import make_trainer
+from attune.prepare import prepare_data
+from attune.tune.config import trial_recipe
+from attune.tune.results import CHECKPOINT_PATH
 
 
 def run_trial(config: dict, *, recipe_raw: dict, base_path: str, prepared, train_storage: str) -> None:
     """`config` maps dotted recipe keys to this trial's values."""
-    from attune.trainer import make_trainer, prepare_data
-
     recipe = trial_recipe(recipe_raw, config, name=ray.tune.get_context().get_trial_id())
     if prepared is None:  # the space changes the data itself, so each trial tokenizes its own
         prepared = prepare_data(recipe, base_path)
@@ -42,8 +41,6 @@ def run_trial(config: dict, *, recipe_raw: dict, base_path: str, prepared, train
 def run_trial_in_stretches(config: dict, *, recipe_raw: dict, base_path: str, prepared,
                            train_storage: str, interval: int) -> None:
     """PBT's trial: a Train run per `interval` steps, each ending in a checkpoint for Tune."""
-    from attune.trainer import make_trainer, prepare_data
-
     trial = ray.tune.get_context().get_trial_id()
     recipe = trial_recipe(recipe_raw, config, name=trial)
     if prepared is None:
@@ -64,8 +61,6 @@ def run_trial_in_stretches(config: dict, *, recipe_raw: dict, base_path: str, pr
 
 def _step_of(checkpoint: ray.tune.Checkpoint | None) -> int:
     """The step a checkpoint of attune.loop was taken at (its history's last entry)."""
-    from attune.loop import HISTORY_FILE
-
     if checkpoint is None:
         return 0
     with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{HISTORY_FILE}") as f:

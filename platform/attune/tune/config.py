@@ -17,16 +17,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from attune.config import (
-    Recipe,
-    RecipeError,
-    _Strict,
-    apply_override,
-    load_recipe,
-    read_mapping,
-    validate,
-)
-from attune.tune_space import Dimension, check_dimension, parse_dimension
+from attune.config import ConfigError, StrictConfig, apply_override, read_mapping, validate
+from attune.recipe import Recipe, load_recipe
+from attune.tune.space import Dimension, check_dimension, parse_dimension, set_path
 
 # What attune.loop.train_loop reports at every eval step (mfu only on known GPUs).
 REPORTED_METRICS = ("eval_loss", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")
@@ -37,7 +30,7 @@ REPORTED_METRICS = ("eval_loss", "loss", "lr", "grad_norm", "tokens_per_s", "mfu
 PERTURBABLE = ("optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.max_grad_norm")
 
 
-class SchedulerConfig(_Strict):
+class SchedulerConfig(StrictConfig):
     type: Literal["asha", "median", "pbt", "fifo"] = Field(
         "asha", description="ASHA stops trials that fall behind at rungs; 'median' stops a trial "
         "whose best is worse than the median of the others at the same step; 'pbt' (Population "
@@ -63,13 +56,13 @@ class SchedulerConfig(_Strict):
                         "interval (steadier, slower) rather than as each trial reaches it.")
 
 
-class SearcherConfig(_Strict):
+class SearcherConfig(StrictConfig):
     type: Literal["random", "optuna"] = Field(
         "random", description="'random' samples the space independently; 'optuna' uses Optuna's "
         "TPE through Ray Tune's OptunaSearch.")
 
 
-class BudgetConfig(_Strict):
+class BudgetConfig(StrictConfig):
     max_concurrent_trials: int | None = Field(
         None, ge=1, description="Trials running at once; default: as many as the cluster's CPUs "
         "and GPUs hold given the recipe's scaling. Asking for more than that is an error.")
@@ -78,7 +71,7 @@ class BudgetConfig(_Strict):
         "stopped when it passes.")
 
 
-class SearchConfig(_Strict):
+class SearchConfig(StrictConfig):
     name: str = Field(description="Experiment name: the Tune run's directory under the recipe's "
                       "output.runs and the registry entry of the best trial.",
                       pattern=r"^[A-Za-z0-9._-]+$")
@@ -136,37 +129,37 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 def check_reports(search: SearchConfig, recipe: Recipe) -> None:
     """Every report the loop sends must carry the metric, or Tune rejects the trial mid-run."""
     if search.metric == "mfu" and recipe.scaling.gpus_per_worker == 0:
-        raise RecipeError("metric: mfu is only reported on GPUs (scaling.gpus_per_worker is 0)")
+        raise ConfigError("metric: mfu is only reported on GPUs (scaling.gpus_per_worker is 0)")
     evals, checkpoints = recipe.eval.every_steps, recipe.checkpoint.every_steps
     if search.metric == "eval_loss" and checkpoints % evals:
-        raise RecipeError(f"metric: eval_loss is missing from the reports at checkpoint steps: "
+        raise ConfigError(f"metric: eval_loss is missing from the reports at checkpoint steps: "
                           f"checkpoint.every_steps ({checkpoints}) must be a multiple of "
                           f"eval.every_steps ({evals})")
     if search.metric == "grad_norm" and recipe.optim.max_grad_norm is None:
-        raise RecipeError("metric: grad_norm is only reported when optim.max_grad_norm is set")
+        raise ConfigError("metric: grad_norm is only reported when optim.max_grad_norm is set")
     if recipe.optim.max_steps is None:
-        raise RecipeError("optim.max_steps: a search compares trials by step; set a step count "
+        raise ConfigError("optim.max_steps: a search compares trials by step; set a step count "
                           "instead of optim.epochs")
     if search.scheduler.type == "pbt":
         check_pbt(search, recipe)
     timing = [key for key in search.space
               if key.startswith(("eval.", "checkpoint.", "optim.max_steps", "optim.epochs"))]
     if timing:
-        raise RecipeError(f"space.{timing[0]}: decides when trials report, which the scheduler "
+        raise ConfigError(f"space.{timing[0]}: decides when trials report, which the scheduler "
                           "compares across trials; fix it with overrides instead")
 
 
 def check_pbt(search: SearchConfig, recipe: Recipe) -> None:
     fixed = [key for key in search.space if key not in PERTURBABLE]
     if fixed:
-        raise RecipeError(f"space.{fixed[0]}: PBT changes values in the middle of a trial and this "
+        raise ConfigError(f"space.{fixed[0]}: PBT changes values in the middle of a trial and this "
                           f"one cannot change mid-run; PBT can search {', '.join(PERTURBABLE)}")
     if search.searcher.type != "random":
-        raise RecipeError(f"searcher.type: PBT chooses values itself; {search.searcher.type!r} "
+        raise ConfigError(f"searcher.type: PBT chooses values itself; {search.searcher.type!r} "
                           "cannot be combined with it (use random)")
     interval = pbt_interval(search, recipe)
     if interval >= recipe.optim.max_steps:
-        raise RecipeError(f"scheduler.perturbation_interval: {interval} steps leaves no room for a "
+        raise ConfigError(f"scheduler.perturbation_interval: {interval} steps leaves no room for a "
                           f"perturbation in a run of optim.max_steps={recipe.optim.max_steps}")
 
 
@@ -176,8 +169,6 @@ def pbt_interval(search: SearchConfig, recipe: Recipe) -> int:
 
 def trial_recipe(recipe_raw: dict, params: dict, name: str) -> Recipe:
     """The recipe of one trial: the common recipe with the trial's sampled values."""
-    from attune.tune_space import set_path
-
     raw = copy.deepcopy(recipe_raw)
     for key, value in params.items():
         set_path(raw, key, value)

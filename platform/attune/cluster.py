@@ -1,0 +1,121 @@
+"""Starting or joining Ray: the cluster that training, tuning and serving run on.
+
+    ensure_ray()          # RAY_ADDRESS (or a Ray job's cluster) when set, else Ray in-process
+
+With no cluster to join, attune starts a whole one inside this process, sized and set up for
+the user's one machine: logical CPUs beyond the cores, Serve behind HAProxy, and ports of its
+own so that it never meets another cluster on the same machine.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import ray
+import ray.data
+
+# Where the State API looks first for a cluster's dashboard (ray.dashboard.utils).
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+# Serve's switch for its HAProxy ingress; its controller and proxies read it once, at start.
+HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+
+# Ports for servers that start later than they are chosen: below the kernel's ephemeral range
+# (32768-60999 by default), where outgoing connections and Ray's own listeners could take a
+# port between its choice and its use.
+SPARE_PORTS = range(20000, 32000)
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join RAY_ADDRESS when set (or when running as a Ray job), else start Ray in-process."""
+    # Ray Data's progress bars flood the logs of a job whose datasets are tiny.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    dashboard_port = free_port()
+    env = embedded_cluster_env(f"http://127.0.0.1:{dashboard_port}", serve_ports=own_serve_ports())
+    with _set_for_ray_init(env):
+        # Logical CPUs beyond the cores: Train's workers, Data's tasks and Serve's actors each
+        # claim one while mostly waiting on each other. address="local": a new cluster, never
+        # one that `ray start` left running on this machine.
+        ray.init(address="local", num_cpus=num_cpus or max(6, 2 * (os.cpu_count() or 1)),
+                 dashboard_port=dashboard_port, log_to_driver=True)
+
+
+def embedded_cluster_env(dashboard_url: str, cores: int | None = None,
+                         serve_ports: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of an in-process cluster, where the workers are the user's job; the raylet
+    hands it to every worker. The user's own value of each variable wins.
+
+    RAY_API_SERVER_ADDRESS: the State API (Train's PlacementGroupCleaner) finds this cluster
+      here; else it reads the last `ray start`'s address file, another cluster's or a dead one.
+    RAY_worker_niceness: Ray starts workers at nice 15, below everything else on a shared node;
+      here they are the job (vLLM engines, Train workers), so they run at 0.
+    RAY_SERVE_HAPROXY_NBTHREAD: one HAProxy thread per two cores (Ray's 4 suit a big node).
+    RAY_SERVE_CONTROL_LOOP_INTERVAL_S: Serve's controller reconciles every 0.5 s, not 0.1 s:
+      about half its idle CPU, for replacing a dead replica 0.4 s later at most.
+    RAY_SERVE_ENABLE_HA_PROXY: HAProxy in front of the ingress replicas, which answer HTTP
+      themselves: one Python process fewer on every streamed token; direct streaming needs it.
+    RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S: 2 s, not 30, for an ingress replica to drain
+      when told to stop: only the node's own HAProxy sends it requests, and it retries.
+    `serve_ports` (own_serve_ports): the ports of Serve's HAProxy and its fallback proxy.
+    """
+    cores = cores or os.cpu_count() or 1
+    defaults = {"RAY_worker_niceness": "0",
+                "RAY_SERVE_HAPROXY_NBTHREAD": str(max(1, min(4, cores // 2))),
+                "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+                HA_PROXY_ENV: "1",
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+                **(serve_ports or {})}
+    return {API_SERVER_ENV: dashboard_url,
+            **{name: os.environ.get(name, value) for name, value in defaults.items()}}
+
+
+def own_serve_ports(next_port: Callable[[], int] | None = None) -> dict[str, str]:
+    """Ports of Serve's HAProxy (stats, metrics) and its fallback proxy (HTTP, gRPC) for a cluster
+    on a machine that may run another: Ray's fixed defaults let a second HAProxy fail to bind, or
+    send requests to the other cluster's proxy."""
+    next_port = next_port or spare_ports().__next__
+    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(next_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(next_port()),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(next_port()),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(next_port())}
+
+
+def spare_ports() -> Iterator[int]:
+    """Free ones of SPARE_PORTS, in random order, each once."""
+    for port in random.sample(SPARE_PORTS, len(SPARE_PORTS)):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))  # fails if any address of the machine holds it
+            except OSError:
+                continue
+        yield port
+
+
+def free_port() -> int:
+    return next(spare_ports())
+
+
+@contextmanager
+def _set_for_ray_init(variables: dict[str, str]):
+    """Set variables for `ray.init` only: the raylet hands its environment to every worker it
+    starts, but this driver's own subprocesses (`ray job submit` to another cluster) must not
+    inherit them."""
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value

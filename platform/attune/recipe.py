@@ -1,0 +1,165 @@
+"""The recipe: one YAML file that says what to fine-tune, on what, and how.
+
+    recipe = load_recipe("recipes/tiny-full.yaml", ["optim.lr=1e-3", "scaling.num_workers=1"])
+
+`train`, `tune`, `serve` and `chat` all read the same recipe, so what was trained is what is
+served. Every field carries a description; unknown keys, wrong types and impossible
+combinations fail here, before any cluster work, with the key's dotted path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from attune.config import StrictConfig, apply_override, attune_home, read_mapping, validate
+
+
+class ModelConfig(StrictConfig):
+    name_or_path: str = Field(
+        "attune:tiny-llama",
+        description="Base model: a Hugging Face id, a local directory, or 'attune:tiny-llama' "
+        "(the tiny model attune builds itself, no network needed).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Training dtype; 'auto' is bfloat16 on GPU and float32 on CPU."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    compile: bool = Field(False, description="torch.compile the model before training (GPU).")
+
+
+class DataConfig(StrictConfig):
+    train_files: list[str] = Field(
+        default_factory=lambda: ["data/transformer_qa.jsonl"],
+        description="JSONL files to train on (paths relative to the working directory).",
+    )
+    format: Literal["messages", "prompt_completion", "alpaca", "text"] = Field(
+        "messages",
+        description="Line format: OpenAI 'messages', 'prompt'/'completion', alpaca "
+        "('instruction'/'input'/'output'), or plain 'text'.",
+    )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template overriding the tokenizer's own (None keeps it)."
+    )
+    max_seq_len: int = Field(512, gt=8, description="Tokens per training sequence.")
+    packing: bool = Field(
+        True, description="Pack several samples into one sequence; positions restart per sample "
+        "and no token attends across samples.",
+    )
+    eval_files: list[str] = Field(
+        default_factory=list, description="JSONL files held out for eval loss; if empty, "
+        "eval_fraction of the training lines is held out instead.",
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Share of training lines held out for eval loss when "
+        "eval_files is empty (0 evaluates on the training data itself).",
+    )
+
+
+class MethodConfig(StrictConfig):
+    type: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA (peft).")
+    rank: int = Field(16, ge=1, description="LoRA rank r.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                 "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="Module names that get LoRA adapters.",
+    )
+
+
+class OptimConfig(StrictConfig):
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warmup."
+    )
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping (None: off).")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per worker per forward pass.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training data, used "
+                                 "when max_steps is not set.")
+    seed: int = Field(0, description="Seed for model init (LoRA), data order and dropout.")
+
+
+class ScalingConfig(StrictConfig):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each).")
+    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker; 0 trains on CPU.")
+    cpus_per_worker: float = Field(1, gt=0, description="Logical CPUs Ray reserves per worker.")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="DDP replicates the model; FSDP2 "
+                                             "(fully_shard) shards it per decoder layer.")
+
+
+class CheckpointConfig(StrictConfig):
+    every_steps: int = Field(50, ge=1, description="Save a checkpoint every N optimizer steps.")
+    keep: int = Field(2, ge=1, description="Checkpoints Ray Train keeps (the latest K).")
+    max_failures: int = Field(3, ge=0, description="Worker-group restarts from the latest "
+                              "checkpoint before the run fails.")
+
+
+class EvalConfig(StrictConfig):
+    every_steps: int = Field(25, ge=1, description="Eval loss (and a report) every N steps.")
+    log_every_steps: int = Field(10, ge=1, description="Progress line every N steps.")
+
+
+class OutputConfig(StrictConfig):
+    registry: str = Field(
+        default_factory=lambda: str(attune_home() / "registry"),
+        description="Registry root: a local directory or a pyarrow filesystem URI "
+        "(s3://bucket/prefix, gs://...). Default: $ATTUNE_HOME/registry.",
+    )
+    name: str | None = Field(None, description="Entry name; defaults to the recipe's name.")
+    runs: str = Field(default_factory=lambda: str(attune_home() / "runs"),
+                      description="Ray Train storage (checkpoints, run state); a run started "
+                      "again with the same name resumes from here. Default: $ATTUNE_HOME/runs.")
+
+
+class Recipe(StrictConfig):
+    name: str = Field(description="Run and registry-entry name.", pattern=r"^[A-Za-z0-9._-]+$")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
+    method: MethodConfig = Field(default_factory=MethodConfig, description="Full or LoRA.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimisation.")
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig,
+                                         description="Checkpoints and recovery.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and logging.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "Recipe":
+        o = self.optim
+        if o.max_steps is None and o.epochs is None:
+            raise ValueError("optim: set optim.max_steps or optim.epochs")
+        if o.max_steps is not None and o.warmup_steps >= o.max_steps:
+            raise ValueError(f"optim.warmup_steps ({o.warmup_steps}) must be below "
+                             f"optim.max_steps ({o.max_steps})")
+        if self.model.attn_implementation == "flash_attention_2" and self.scaling.gpus_per_worker == 0:
+            raise ValueError("model.attn_implementation: flash_attention_2 needs a GPU "
+                             "(scaling.gpus_per_worker > 0)")
+        if self.model.dtype in ("bfloat16", "float16") and self.scaling.gpus_per_worker == 0:
+            raise ValueError(f"model.dtype: {self.model.dtype} training on CPU is not supported; "
+                             "use 'auto' or 'float32'")
+        if self.data.eval_files and self.data.eval_fraction:
+            raise ValueError("data: give data.eval_files or data.eval_fraction, not both")
+        return self
+
+    @property
+    def entry_name(self) -> str:
+        return self.output.name or self.name
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe YAML, apply dotted `key=value` overrides, and validate it."""
+    raw = read_mapping(path, "recipe")
+    for item in overrides:
+        apply_override(raw, item, Recipe)
+    return validate(Recipe, raw, source=str(path))
+
+
