@@ -7,6 +7,7 @@ fine-tuned model take `tiny_full_entry` / `tiny_lora_entry` rather than training
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 import boto3
 import pytest
 import ray
+from leftovers import left_behind, mark_session
 from moto.server import ThreadedMotoServer
 from ray import serve
 
@@ -34,6 +36,37 @@ from attune.trainer import fine_tune
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
+SESSION_MARKER = pytest.StashKey[str]()
+
+
+def pytest_sessionstart(session):
+    session.config.stash[SESSION_MARKER] = mark_session()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Nothing the session started may outlive it: fail, naming what was left (then killed)."""
+    if session.config.option.collectonly:
+        return
+    left = left_behind(session.config.stash[SESSION_MARKER])
+    if left:
+        lines = "\n".join(f"  {pid}: {command}" for pid, command in sorted(left.items()))
+        session.config.get_terminal_writer().line(
+            f"\nprocesses the test session left running (now killed):\n{lines}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_auth_token(tmp_path_factory) -> Path:
+    """A Ray auth token of the session's own, for every cluster it starts and every client.
+
+    `ray start --head` with token auth needs a token that already exists; an in-process
+    `ray.init` writes one to ~/.ray, `ray start` does not. So on a machine where Ray never ran,
+    the session's heads would fail unless an earlier in-process cluster had left one behind.
+    """
+    path = tmp_path_factory.mktemp("ray-auth") / "auth_token"
+    path.write_text(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session", autouse=True)

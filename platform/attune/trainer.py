@@ -14,7 +14,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray.train
@@ -158,8 +161,22 @@ def fine_tune(recipe: Recipe) -> str:
     print(f"[attune] data: {s['train_examples']} examples -> {s['train_rows']} rows of "
           f"{recipe.data.max_seq_len} tokens ({s['fill']:.1%} filled), {s['eval_examples']} for eval",
           flush=True)
-    result = make_trainer(recipe, base_path, prepared).fit()  # [8] run it, restarts included
+    with _ctrl_c_given_back():
+        result = make_trainer(recipe, base_path, prepared).fit()  # [8] run it, restarts included
     return write_result(recipe, result, base_path, prepared)
+
+
+@contextmanager
+def _ctrl_c_given_back():
+    """Ray Train's driver installs a SIGINT handler for its run (Ctrl-C aborts the run) and
+    leaves it installed after fit() returns, where it swallows every later Ctrl-C of the process
+    (serving after training, the demo's chat page). Put the process's own handler back."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
 
 
 def write_result(recipe: Recipe, result, base_path: str, prepared: PreparedData,

@@ -1,0 +1,54 @@
+"""What a test session leaves running: every process that inherited the session's marker.
+
+A process started by the session (Ray's daemons and workers, vLLM engines, HAProxy, `ray start`
+heads, browsers) inherits its environment, marker included, even once its parent is gone; so
+the marker finds exactly this session's processes, not another run's on the same machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+MARKER = "ATTUNE_TEST_SESSION"
+
+
+def mark_session() -> str:
+    """Mark this process's environment; every process started from now on inherits it."""
+    os.environ[MARKER] = uuid.uuid4().hex
+    return os.environ[MARKER]
+
+
+def marked_processes(marker: str) -> dict[int, str]:
+    """Running processes (not zombies) whose environment carries `marker`: pid -> command line."""
+    found = {}
+    needle = f"{MARKER}={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+        found[int(entry.name)] = command.strip()[:160]
+    return found
+
+
+def left_behind(marker: str, grace_s: float = 30) -> dict[int, str]:
+    """The marked processes still running after `grace_s` seconds; they are killed, then named."""
+    deadline = time.monotonic() + grace_s
+    while (left := marked_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(1)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left

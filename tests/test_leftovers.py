@@ -1,0 +1,41 @@
+"""The end-of-session check for processes left running (tests/leftovers.py, conftest.py)."""
+
+import os
+import subprocess
+import sys
+import time
+
+from leftovers import MARKER, left_behind, marked_processes
+
+
+def orphan(marker: str | None) -> int:
+    """A `sleep` whose parent is gone (as a leaked Ray worker's is); returns its pid."""
+    env = {**os.environ, MARKER: marker} if marker else {
+        k: v for k, v in os.environ.items() if k != MARKER}
+    out = subprocess.run(
+        [sys.executable, "-c", "import subprocess, sys; "
+         "print(subprocess.Popen(['sleep', '600'], start_new_session=True,"
+         " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)"],
+        env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
+def test_a_process_left_with_the_marker_is_named_and_killed():
+    left = orphan("planted-0123")
+    unrelated = orphan(None)
+    try:
+        assert left_behind("planted-0123", grace_s=1) == {left: "sleep 600"}
+        time.sleep(0.5)
+        assert marked_processes("planted-0123") == {}
+        os.kill(unrelated, 0)  # another run's process is not this session's to kill
+    finally:
+        os.kill(unrelated, 9)
+
+
+def test_the_sessions_own_processes_carry_its_marker():
+    child = subprocess.Popen(["sleep", "5"])
+    try:
+        assert child.pid in marked_processes(os.environ[MARKER])
+    finally:
+        child.kill()
+        child.wait()
