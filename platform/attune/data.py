@@ -39,8 +39,13 @@ def read_records(files: list[str], fmt: str) -> list[Record]:
         path = Path(file)
         if not path.is_file():
             raise DataError(f"{file}: no such data file")
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{file}:{number}: not UTF-8 text ({e.reason} at byte "
+                                    f"{e.start} of the line)") from None
                 if line.strip():
                     records.append(_parse_line(line, fmt, f"{file}:{number}"))
     if not records:

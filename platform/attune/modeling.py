@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -26,7 +30,7 @@ from transformers import (
 
 from attune.corpus import examples
 
-from attune.config import attune_home
+from attune.config import ConfigError, attune_home
 
 TINY_NAME = "attune:tiny-llama"
 
@@ -50,6 +54,43 @@ def resolve(name_or_path: str) -> str:
     if name_or_path == TINY_NAME:
         return str(ensure_tiny_llama())
     return os.path.expanduser(name_or_path) if name_or_path.startswith(("~", ".", "/")) else name_or_path
+
+
+def model_config(name_or_path: str, key: str = "model.name_or_path"):
+    """The model's config (no weights), or a ConfigError naming `key` and saying why there is
+    none: a directory without a model, a hub id that is neither cached nor reachable."""
+    path = resolve(name_or_path)
+    if name_or_path.startswith(("~", ".", "/")) or os.path.isdir(path):
+        if not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"{key}: {name_or_path}: no model there (no config.json)")
+    elif not isinstance(try_to_load_from_cache(path, "config.json"), str):
+        _check_hub_reachable(name_or_path, key)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: {name_or_path}: {str(e).splitlines()[0]}") from None
+
+
+def _check_hub_reachable(model_id: str, key: str) -> None:
+    """Fail in seconds, not after the hub client's minute of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ConfigError(f"{key}: {model_id!r} is not a local directory nor in the Hugging Face "
+                          "cache, and HF_HUB_OFFLINE is set")
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=5).close()
+    except OSError as e:
+        raise ConfigError(f"{key}: {model_id!r} is not a local directory nor in the Hugging Face "
+                          f"cache, and {endpoint.hostname} cannot be reached ({e}); download it "
+                          "where the hub is reachable and name its directory") from None
+
+
+def module_names(config) -> set[str]:
+    """The names of the model's modules (the last part: q_proj, ...), built on the meta device."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
 
 
 def ensure_tiny_llama(root: Path | None = None) -> Path:

@@ -1,9 +1,9 @@
 """The recipe's data as Ray Datasets: validated on the driver, tokenized and packed by Ray Data.
 
-    prepared = prepare_data(recipe, tokenizer_path)   # prepared.train, prepared.eval, .stats
+    prepared = prepare_data(recipe, tokenizer_path, check_recipe(recipe))
 
-Every line is read and checked here first, so a bad line fails with its file:line before any
-worker starts; the tokenizing runs in Ray Data tasks on the cluster.
+Every line is read and checked on the driver first (attune.preflight), so a bad line fails with
+its file:line before any worker starts; the tokenizing runs in Ray Data tasks on the cluster.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import ray.data
 
 from attune import data
+from attune.preflight import CheckedRecipe, check_recipe
 from attune.recipe import Recipe
 
 
@@ -26,14 +27,13 @@ class PreparedData:
     stats: dict
 
 
-def prepare_data(recipe: Recipe, tokenizer_path: str) -> PreparedData:
-    """Validate every line on the driver (errors name file:line), then tokenize with Ray Data."""
+def prepare_data(recipe: Recipe, tokenizer_path: str,
+                 checked: CheckedRecipe | None = None) -> PreparedData:
+    """Tokenize the recipe's records with Ray Data: those `check_recipe` read, or read (and
+    checked line by line) here."""
+    checked = checked or check_recipe(recipe)
     d = recipe.data
-    records = data.read_records(d.train_files, d.format)
-    if d.eval_files:
-        train_records, eval_records = records, data.read_records(d.eval_files, d.format)
-    else:
-        train_records, eval_records = data.split_eval(records, d.eval_fraction, recipe.optim.seed)
+    train_records, eval_records = checked.train_records, checked.eval_records
     tokenize = dict(fn_kwargs=dict(tokenizer_path=tokenizer_path, chat_template=d.chat_template,
                                    max_seq_len=d.max_seq_len, packing=d.packing),
                     batch_size=4096)

@@ -27,7 +27,9 @@ from ray.train.torch import TorchTrainer
 
 from attune import data, modeling, registry
 from attune.cluster import ensure_ray
+from attune.config import ConfigError
 from attune.loop import HISTORY_FILE, MODEL_DIR, Loop, train_loop
+from attune.preflight import check_recipe
 from attune.prepare import PreparedData, prepare_data
 from attune.recipe import Recipe
 
@@ -35,8 +37,9 @@ from attune.recipe import Recipe
 def steps_per_epoch(recipe: Recipe, rows: int) -> int:
     per_worker = rows // recipe.scaling.num_workers  # Ray's equal split drops the remainder
     if per_worker == 0:
-        raise ValueError(f"{rows} packed rows cannot feed {recipe.scaling.num_workers} workers; "
-                         "lower scaling.num_workers or data.max_seq_len")
+        raise ConfigError(f"scaling.num_workers: {rows} packed rows cannot feed "
+                          f"{recipe.scaling.num_workers} workers; lower scaling.num_workers or "
+                          "data.max_seq_len")
     return math.ceil(per_worker / recipe.optim.micro_batch_size / recipe.optim.grad_accum_steps)
 
 
@@ -154,9 +157,10 @@ def make_trainer(recipe: Recipe, base_path: str, prepared: PreparedData, *,
 
 def fine_tune(recipe: Recipe) -> str:
     """Train the recipe on Ray and write its registry entry; returns the entry's location."""
-    base_path = modeling.resolve(recipe.model.name_or_path)
+    checked = check_recipe(recipe)  # before Ray starts: bad input fails in seconds
+    base_path = checked.base_path
     ensure_ray()
-    prepared = prepare_data(recipe, base_path)
+    prepared = prepare_data(recipe, base_path, checked)
     s = prepared.stats
     print(f"[attune] data: {s['train_examples']} examples -> {s['train_rows']} rows of "
           f"{recipe.data.max_seq_len} tokens ({s['fill']:.1%} filled), {s['eval_examples']} for eval",

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from attune import registry
+from attune.config import ConfigError
 from attune.serve.config import BaseModelSpec, ServeConfig
 
 
-class NotServable(ValueError):
+class NotServable(ConfigError):
     """A registry entry that this serving config cannot serve; the message says why."""
 
 
@@ -62,7 +63,9 @@ def check_servable(entry: Entry, config: ServeConfig) -> None:
             raise NotServable(f"{entry.name}: LoRA rank {rank} exceeds engine.max_lora_rank "
                               f"({config.engine.max_lora_rank})")
         if not config.lora_store:
-            raise NotServable(f"{entry.name}: a LoRA adapter needs lora_store in the serving config")
+            raise NotServable(f"{entry.name}: a LoRA adapter needs lora_store in the serving "
+                              "config (an object-store URI, or a directory every serving node "
+                              "sees)")
         if "adapter_config.json" not in files:
             raise NotServable(f"{entry.name}: no adapter_config.json")
         adapter = json.loads(_read(entry.location, "adapter_config.json"))
@@ -74,7 +77,7 @@ def check_servable(entry: Entry, config: ServeConfig) -> None:
 
 
 def adapter_uri(config: ServeConfig, base: BaseModelSpec, entry_name: str) -> str:
-    """Ray's loader lists `<store>/<base id>/<name>/` and serves it as model 'base:name'."""
+    """The app lists `<store>/<base id>/<name>/` and serves it as model 'base:name'."""
     return f"{config.lora_store.rstrip('/')}/{base.id}/{entry_name}"
 
 

@@ -33,9 +33,9 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.util import placement_group_table, remove_placement_group
 from ray.util.placement_group import PlacementGroup
 
-from attune import modeling
 from attune.cluster import ensure_ray
 from attune.config import ConfigError
+from attune.preflight import check_recipe
 from attune.prepare import prepare_data
 from attune.recipe import Recipe
 from attune.trainer import storage_uri, write_result
@@ -62,14 +62,15 @@ class SearchOutcome:
 def run_search(search: SearchConfig, recipe_raw: dict, callbacks: list | None = None) -> SearchOutcome:
     """Run (or resume) the experiment; `callbacks` are Ray Tune callbacks, kept on restore."""
     recipe = Recipe.model_validate(recipe_raw)
-    base_path = modeling.resolve(recipe.model.name_or_path)
+    checked = check_recipe(recipe)  # before Ray starts: bad input fails in seconds
+    base_path = checked.base_path
     ensure_ray()
     concurrency = trial_slots(search, recipe)  # fails before any trial starts
     storage = storage_uri(recipe.output.runs)
     experiment_path = f"{storage.rstrip('/')}/{search.name}"
     resuming = _can_resume(search, recipe_raw, experiment_path)
     # One tokenized copy for every trial, unless the space changes the data itself.
-    prepared = None if any(k.startswith("data.") for k in search.space) else prepare_data(recipe, base_path)
+    prepared = None if any(k.startswith("data.") for k in search.space) else prepare_data(recipe, base_path, checked)
     trainable = _trainable(search, recipe, recipe_raw, base_path, prepared,
                            f"{experiment_path}/train-runs")
     if resuming:
