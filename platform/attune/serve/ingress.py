@@ -22,8 +22,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest,
+    ModelList,
     OpenAIHTTPException,
 )
+from ray.llm._internal.common.utils.lora_utils import get_lora_model_ids
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
 from ray.llm._internal.serve.core.ingress.middleware import (
     _handle_validation_error,
@@ -34,6 +36,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 
+from attune.serve.adapters import adapter_metadata, adapter_names, is_directory
 from attune.serve.auth import openai_error
 
 # The name of the BaseHTTPMiddleware dispatch Ray LLM's ingress `init()` adds (Ray 2.60).
@@ -66,7 +69,8 @@ class Ingress(OpenAiIngress):
 
         by_reference = not RAY_SERVE_USE_GRPC_BY_DEFAULT
         super().__init__({model_id: handle.options(_by_reference=by_reference)
-                          for model_id, handle in llm_deployments.items()}, *args, **kwargs)
+                          for model_id, handle in llm_deployments.items()}, *args,
+                         _get_lora_model_metadata_func=self._adapter_metadata, **kwargs)
         self._draining: set[asyncio.Task] = set()  # asyncio holds tasks by weak reference only
 
     async def _get_response(self, **kwargs) -> AsyncIterator:
@@ -82,6 +86,27 @@ class Ingress(OpenAiIngress):
                 self._draining.add(task)
                 task.add_done_callback(self._draining.discard)
                 return
+
+    async def _adapter_metadata(self, model_id: str, base_path: str) -> dict:
+        if is_directory(base_path):
+            return await adapter_metadata(model_id, base_path)
+        return await self._default_get_lora_model_metadata_func(model_id, base_path)
+
+    async def models(self) -> ModelList:
+        """Ray's listing, where a directory store's adapters are listed by attune (Ray lists
+        only object stores)."""
+        cards = {}
+        for base_id in self._model_cards:
+            cards[base_id] = await self.model(base_id)
+            base_path = self._lora_paths.get(base_id)
+            if base_path is None:
+                continue
+            ids = ([f"{base_id}:{name}" for name in adapter_names(base_path)]
+                   if is_directory(base_path) else get_lora_model_ids(base_path, base_id))
+            for model_id in ids:
+                if card := await self.model(model_id):
+                    cards[model_id] = card
+        return ModelList(data=list(cards.values()))
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         if problem := unknown_role(body.messages):

@@ -12,6 +12,7 @@ from ray.serve.llm import LLMConfig
 
 from attune import modeling
 from attune.cluster import HA_PROXY_ENV
+from attune.serve.adapters import ADAPTERS_DIR, is_directory
 from attune.serve.config import BaseModelSpec, ServeConfig
 from attune.serve.entries import check_servable, promote_adapter, read_entry
 from attune.serve.node_init import SkipDownloadForLocalModels
@@ -75,15 +76,19 @@ def llm_config(model_id: str, source: str, config: ServeConfig, lora: bool) -> L
         kwargs["runtime_env"]["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] = str(e.cpu_kvcache_gib)
         kwargs["runtime_env"]["env_vars"] |= CPU_COMPILE_ENV
         kwargs["runtime_env"]["env_vars"][CPU_EXECUTOR_ENV] = e.cpu_executor  # attune's plugin
+    experimental = {"stream_batching_interval_ms": e.stream_batching_interval_ms}
     if lora:
         base = next(s for s in config.base_models if s.id == model_id)
-        kwargs["lora_config"] = {"dynamic_lora_loading_path": _store_for(config, base),
-                                 "max_num_adapters_per_replica": e.max_loras}
+        kwargs["lora_config"] = {"max_num_adapters_per_replica": e.max_loras}
+        if is_directory(config.lora_store):  # attune's model server resolves them (adapters.py)
+            experimental[ADAPTERS_DIR] = adapters_path(config, base)
+        else:
+            kwargs["lora_config"]["dynamic_lora_loading_path"] = adapters_path(config, base)
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": source},
         engine_kwargs=engine_kwargs,
         log_engine_metrics=_ray_metrics(config),
-        experimental_configs={"stream_batching_interval_ms": e.stream_batching_interval_ms},
+        experimental_configs=experimental,
         callback_config={"callback_class": SkipDownloadForLocalModels},
         deployment_config={
             "autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
@@ -119,5 +124,6 @@ def _poll_sleep_us(config: ServeConfig) -> float:
     return CPU_POLL_SLEEP_US if config.accelerator == "cpu" else 0
 
 
-def _store_for(config: ServeConfig, base: BaseModelSpec) -> str:
+def adapters_path(config: ServeConfig, base: BaseModelSpec) -> str:
+    """Where a base model's adapters are in the store: Ray lists its subfolders as adapters."""
     return f"{config.lora_store.rstrip('/')}/{base.id}"

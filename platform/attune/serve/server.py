@@ -1,4 +1,4 @@
-"""Ray's LLMServer with one fix and one saving; everything else is Ray's.
+"""Ray's LLMServer with one fix, one saving and adapters from a directory; the rest is Ray's.
 
 The fix: concurrent first requests for a LoRA adapter load it once. Ray 2.60's
 VLLMEngine.resolve_lora checks whether the adapter is loaded, then awaits the load; two requests
@@ -19,12 +19,18 @@ from collections.abc import AsyncIterator
 from ray import serve
 from ray.serve.llm.deployment import LLMServer as _RayLLMServer
 
+from attune.serve.adapters import AdapterLoader
+
 # How vLLM's streamed chunks say a choice has finished ("length", "stop", ...): JSON with no
 # spaces, as pydantic writes it; a quote inside generated text is escaped, so text cannot match.
 FINISHED = '"finish_reason":"'
 
 
 class LLMServer(_RayLLMServer):
+    def _init_multiplex_loader(self, model_downloader_cls=None):
+        # adapters from a directory too, not only from an object store (attune.serve.adapters)
+        super()._init_multiplex_loader(model_downloader_cls or AdapterLoader)
+
     async def _maybe_resolve_lora_from_multiplex(self) -> None:
         locks = self.__dict__.setdefault("_adapter_locks", {})
         lock = locks.setdefault(serve.get_multiplexed_model_id(), asyncio.Lock())
