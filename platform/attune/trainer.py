@@ -26,6 +26,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from attune import data, modeling, registry
+from attune.capacity import check_fits
 from attune.cluster import ensure_ray
 from attune.config import ConfigError
 from attune.loop import HISTORY_FILE, MODEL_DIR, Loop, train_loop
@@ -160,6 +161,7 @@ def fine_tune(recipe: Recipe) -> str:
     checked = check_recipe(recipe)  # before Ray starts: bad input fails in seconds
     base_path = checked.base_path
     ensure_ray()
+    check_workers_fit(recipe)
     prepared = prepare_data(recipe, base_path, checked)
     s = prepared.stats
     print(f"[attune] data: {s['train_examples']} examples -> {s['train_rows']} rows of "
@@ -201,6 +203,15 @@ SHARD_CACHE_BYTES = 256 * 2**20
 
 def _rows_bytes(recipe: Recipe, rows: int) -> int:
     return rows * recipe.data.max_seq_len * 3 * 8  # 3 int64 columns
+
+
+def check_workers_fit(recipe: Recipe, also: list[dict] = (), what: str = "") -> None:
+    """Fail in seconds, not wait forever, when no placement of the run's workers (and `also`)
+    fits the cluster's nodes."""
+    sc = recipe.scaling
+    key = "scaling.gpus_per_worker" if sc.gpus_per_worker else "scaling.num_workers"
+    check_fits([*also, *[_resources(recipe)] * sc.num_workers],
+               what or f"{sc.num_workers} Train workers", key)
 
 
 def _resources(recipe: Recipe) -> dict:

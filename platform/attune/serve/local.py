@@ -9,6 +9,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from attune.capacity import check_fits
 from attune.cluster import HA_PROXY_ENV, ensure_ray
 from attune.config import ConfigError
 from attune.serve.config import ServeConfig
@@ -31,6 +32,7 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: st
     from attune.serve.app import build_app
 
     ensure_ray()
+    _check_replicas_fit(config)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config), name=name, route_prefix="/")
     ids = [m.id for m in config.base_models]
@@ -50,3 +52,14 @@ def _enable_ha_proxy() -> None:
     if constants is not None and not constants.RAY_SERVE_ENABLE_HA_PROXY:
         raise ConfigError(f"direct_streaming: Ray Serve was loaded in this process before "
                           f"{HA_PROXY_ENV}=1 was set; set it before starting Python")
+
+
+def _check_replicas_fit(config: ServeConfig) -> None:
+    """Each model's engines: one GPU each on gpu, a CPU each on cpu (the replicas' own actors
+    and the ingress ask for little more)."""
+    full = [location for location in config.entries if not read_entry(location).is_lora]
+    models = len(config.base_models) + len(full)  # adapters ride on their base model
+    engine = {"GPU": 1} if config.accelerator == "gpu" else {"CPU": 1}
+    check_fits([engine] * models * max(config.autoscaling.min_replicas, 1),
+               f"{models} model(s) x {config.autoscaling.min_replicas} replica(s)",
+               "accelerator" if config.accelerator == "gpu" else "autoscaling.min_replicas")

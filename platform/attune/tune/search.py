@@ -38,7 +38,7 @@ from attune.config import ConfigError
 from attune.preflight import check_recipe
 from attune.prepare import prepare_data
 from attune.recipe import Recipe
-from attune.trainer import storage_uri, write_result
+from attune.trainer import check_workers_fit, storage_uri, write_result
 from attune.tune.config import SearchConfig, pbt_interval, trial_recipe
 from attune.tune.results import TrialRow, best_row, format_table, trial_rows, write_results
 from attune.tune.trial import run_trial, run_trial_in_stretches
@@ -65,6 +65,8 @@ def run_search(search: SearchConfig, recipe_raw: dict, callbacks: list | None = 
     checked = check_recipe(recipe)  # before Ray starts: bad input fails in seconds
     base_path = checked.base_path
     ensure_ray()
+    check_workers_fit(recipe, also=[TRIAL_DRIVER], what=f"one trial: its driver and "
+                      f"{recipe.scaling.num_workers} Train workers")
     concurrency = trial_slots(search, recipe)  # fails before any trial starts
     storage = storage_uri(recipe.output.runs)
     experiment_path = f"{storage.rstrip('/')}/{search.name}"

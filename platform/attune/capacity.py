@@ -1,0 +1,70 @@
+"""Whether what a run asks for fits the cluster, before Ray waits forever for it.
+
+    check_fits([{"CPU": 1, "GPU": 1}] * 2, what="2 Train workers", key="scaling.gpus_per_worker")
+
+Ray queues a request that no node can meet and waits without a word. Here it fails in seconds,
+with what is asked and what the nodes have, unless the cluster's autoscaler could add nodes
+that meet it: then it says so and lets Ray wait for them.
+"""
+
+from __future__ import annotations
+
+import ray
+from ray._private.state import state as cluster_state
+
+from attune.config import ConfigError
+
+# Resources Ray gives every node that no request of attune's asks for.
+IGNORED = ("memory", "object_store_memory")
+
+
+def check_fits(bundles: list[dict[str, float]], what: str, key: str) -> None:
+    """Fail, naming `key`, unless every bundle fits on a node (all of them at once)."""
+    nodes = [dict(n["Resources"]) for n in ray.nodes() if n["Alive"]]
+    if fits(bundles, nodes):
+        return
+    addable = _autoscaler_nodes()
+    if addable and fits(bundles, nodes + addable):
+        print(f"[attune] {what} ({_show_bundles(bundles)}) do not fit the cluster's nodes now; "
+              "its autoscaler can add nodes that fit: waiting for them", flush=True)
+        return
+    raise ConfigError(f"{key}: {what} need {_show_bundles(bundles)}, which the cluster's nodes "
+                      f"({'; '.join(_show(n) for n in nodes) or 'none'}) cannot hold"
+                      f"{' even with the nodes its autoscaler can add' if addable else ''}")
+
+
+def fits(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> bool:
+    """First fit, largest bundles first: a placement of every bundle on some node."""
+    free = [dict(n) for n in nodes]
+    for bundle in sorted(bundles, key=lambda b: sorted(b.items(), reverse=True), reverse=True):
+        node = next((n for n in free if all(n.get(r, 0) >= a for r, a in bundle.items())), None)
+        if node is None:
+            return False
+        for resource, amount in bundle.items():
+            node[resource] = node.get(resource, 0) - amount
+    return True
+
+
+def _autoscaler_nodes() -> list[dict[str, float]]:
+    """The nodes the autoscaler may add (KubeRay's worker groups), up to a few of each type."""
+    config = cluster_state.get_cluster_config()
+    if config is None:
+        return []
+    nodes = []
+    for group in config.node_group_configs:
+        count = group.max_count if group.max_count >= 0 else 64
+        nodes += [dict(group.resources)] * min(count, 64)
+    return nodes
+
+
+def _show(resources: dict[str, float]) -> str:
+    shown = {r: a for r, a in resources.items() if r in ("CPU", "GPU") or
+             (not r.startswith("node:") and r not in IGNORED and "accelerator_type" not in r)}
+    return ", ".join(f"{a:g} {r}" for r, a in sorted(shown.items())) or "nothing"
+
+
+def _show_bundles(bundles: list[dict[str, float]]) -> str:
+    kinds: dict[str, int] = {}
+    for bundle in bundles:
+        kinds[_show(bundle)] = kinds.get(_show(bundle), 0) + 1
+    return " + ".join(f"{count} x ({shown})" for shown, count in kinds.items())
