@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from attune.config import ConfigError
+from attune.console import VERBOSE_ENV
 from attune.data import DataError
 
 # name -> module in attune.commands (each has HELP, add_arguments, run)
@@ -31,6 +33,8 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attune", description="Fine-tune, search, serve and "
                                      "chat with open LLMs on Ray.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's and vLLM's logs too (as ATTUNE_VERBOSE=1 does)")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, module_name in COMMANDS.items():
@@ -38,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.__doc__))
         modules[name] = module
     args = parser.parse_args(argv)
+    if args.verbose:  # in the environment, so that Ray's workers and jobs see it too
+        os.environ[VERBOSE_ENV] = "1"
     try:
         return modules[args.command].run(args)
     except (ConfigError, DataError) as e:  # bad input: one clear line, no traceback

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 import ray
 import ray.data
 
+from attune import console
+
 # Where the State API looks first for a cluster's dashboard (ray.dashboard.utils).
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 # Serve's switch for its HAProxy ingress; its controller and proxies read it once, at start.
@@ -36,8 +38,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
+    console.quiet()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, logging_level=console.ray_log_level())
+        console.say_where_logs_are()
         return
     dashboard_port = free_port()
     env = embedded_cluster_env(f"http://127.0.0.1:{dashboard_port}", serve_ports=own_serve_ports())
@@ -46,7 +50,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # claim one while mostly waiting on each other. address="local": a new cluster, never
         # one that `ray start` left running on this machine.
         ray.init(address="local", num_cpus=num_cpus or max(6, 2 * (os.cpu_count() or 1)),
-                 dashboard_port=dashboard_port, log_to_driver=True)
+                 dashboard_port=dashboard_port, log_to_driver=True,
+                 logging_level=console.ray_log_level())
+    console.say_where_logs_are()
 
 
 def embedded_cluster_env(dashboard_url: str, cores: int | None = None,

@@ -20,6 +20,7 @@ from openai import OpenAI
 
 from attune import modeling
 from attune.answers import greedy_answers, load_for_generation, qa_pairs
+from attune.console import VERBOSE_ENV
 from attune.recipe import load_recipe
 from attune.serve.config import config_from_recipe
 from attune.serve.local import run
@@ -47,7 +48,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--exit", action="store_true", help="stop after the checks")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and vLLM's logs too")
     args = parser.parse_args()
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     # One key for this demo, in the environment before Ray starts so the replicas see it.
     api_key = os.environ.setdefault("ATTUNE_API_KEYS", f"demo-{secrets.token_hex(8)}").split(",")[0]
 

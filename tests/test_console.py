@@ -1,0 +1,42 @@
+"""A person sees attune's own lines, warnings and errors; Ray's and vLLM's INFO logs stay in the
+log files unless --verbose (attune.console)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import pytest
+from running import ATTUNE, REPO
+
+from attune.console import _shown_only
+
+
+def test_a_quiet_console_shows_attunes_lines_warnings_and_errors_only():
+    printed = []
+    shown = _shown_only(lambda data, ignore_prefix: printed.append(data["lines"]))
+    shown({"pid": 1, "lines": ["INFO engine started", "[attune] step 1/2 | loss 2.0",
+                               "WARNING low memory", "INFO request done"]}, False)
+    shown({"pid": 1, "lines": ["INFO nothing to see"]}, False)
+    assert printed == [["[attune] step 1/2 | loss 2.0", "WARNING low memory"]]
+
+
+def train(tmp_path, *flags: str) -> list[str]:
+    done = subprocess.run([*ATTUNE, *flags, "train", "recipes/tiny-full.yaml", "optim.max_steps=10",
+                           "optim.warmup_steps=1", "eval.every_steps=10", "scaling.num_workers=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "ATTUNE_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return (done.stdout + done.stderr).splitlines()
+
+
+@pytest.mark.slow
+def test_attune_train_says_little_unless_verbose(tmp_path):
+    quiet = train(tmp_path / "quiet")
+    assert [line for line in quiet if re.search(r"\sINFO\s", line)] == []
+    assert [line for line in quiet if "pid=" in line and "[attune]" not in line] == []
+    assert any(line.startswith("[attune] Ray's and its workers' logs: ") for line in quiet)
+    assert any("[attune] step 10/10" in line for line in quiet), quiet
+    verbose = train(tmp_path / "verbose", "--verbose")
+    assert any(re.search(r"\sINFO\s", line) for line in verbose) and len(verbose) > len(quiet)
