@@ -369,6 +369,22 @@ def test_api_keys_come_from_the_secret(overlay):
         assert key_file.parent == Path(mount["mountPath"]) and mount["readOnly"]
 
 
+def test_chat_login_comes_from_the_secret(overlay):
+    """The page on /chat calls /v1 with the server's key: a login guards it, from a Secret."""
+    from attune.ui.serve import ChatAppArgs
+
+    _, docs = overlay
+    (service,) = of_kind(docs, "RayService")
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (page,) = [a for a in config["applications"] if a["import_path"] == "attune.ui:build_app"]
+    args = ChatAppArgs(**page["args"])
+    assert args.auth == "login" and args.users_file, page["args"]
+    for _, pod in pod_specs(service["spec"]["rayClusterConfig"]):
+        (volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "attune-chat-users"]
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+        assert Path(args.users_file).parent == Path(mount["mountPath"]) and mount["readOnly"]
+
+
 def test_serve_workers_are_ready_on_the_health_route(overlay):
     _, docs = overlay
     (service,) = of_kind(docs, "RayService")

@@ -1,6 +1,6 @@
 """The RayService's serveConfigV2, deployed the way KubeRay hands it to Ray: `serve deploy` onto a
-`ray start --head` cluster, with the cpu overlay's values (entries and the key file pointed at
-this session's files instead of the pod's mounts).
+`ray start --head` cluster, with the cpu overlay's values (entries, the key file and the chat
+page's users file pointed at this session's files instead of the pod's mounts).
 
     pytest tests/test_k8s_serve.py
 """
@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from attune.answers import qa_pairs
 from attune.config import validate
 from attune.serve import ServeConfig
 from attune.cluster import free_port
+from attune.ui.passwords import add_user
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -45,6 +47,10 @@ def test_cpu_rayservice_serve_config_deploys_and_answers(ray_head, tiny_full_ent
     key_file.write_text("k8s-test-key\n")
     (llm,) = [a for a in config["applications"] if a["import_path"] == "attune.serve:build_app"]
     llm["args"].update(entries=[tiny_full_entry], api_keys_file=str(key_file))
+    users_file = tmp_path / "chat-users"
+    add_user(users_file, "ada", "lovelace")
+    (page,) = [a for a in config["applications"] if a["import_path"] == "attune.ui:build_app"]
+    page["args"].update(api_key_file=str(key_file), users_file=str(users_file))
     path = tmp_path / "serve-config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -92,3 +98,11 @@ def _assert_chat_page(port: int) -> None:
             time.sleep(5)
     assert page is not None, "the chat page never answered"
     assert "gradio" in page.lower()
+    for password, status in (("wrong", 400), ("lovelace", 200)):  # the login from the users file
+        form = urllib.parse.urlencode({"username": "ada", "password": password}).encode()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/chat/login", data=form, timeout=60) as r:
+                answered = r.status
+        except urllib.error.HTTPError as e:
+            answered = e.code
+        assert answered == status, password

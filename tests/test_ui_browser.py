@@ -254,6 +254,32 @@ def test_page_login(tab, chat_endpoint, monkeypatch):
         page.close()
 
 
+def test_page_login_from_a_hashed_users_file(tab, tmp_path, monkeypatch):
+    """The login a page off loopback needs, from a file of salted hashes (here on loopback, as
+    every server in the tests; no endpoint needed: signed in, the page says it is down)."""
+    from playwright.sync_api import expect
+
+    from attune.ui import build_page, launch_page
+    from attune.ui.passwords import add_user
+
+    monkeypatch.delenv("ATTUNE_CHAT_USERS", raising=False)
+    users = tmp_path / "chat-users"
+    add_user(users, "ada", "lovelace")
+    page = build_page("http://127.0.0.1:9/v1")  # nothing listens on the discard port
+    url = launch_page(page, port=_free_port(), block=False, users_file=str(users))
+    try:
+        tab.goto(url)
+        for password in ("wrong", "lovelace"):
+            tab.fill("input[type=text]", "ada")
+            tab.fill("input[type=password]", password)
+            tab.get_by_role("button", name="Login").click()
+            if password == "wrong":
+                expect(tab.get_by_text("Incorrect Credentials")).to_be_visible()
+        expect(tab.locator("#endpoint-status")).to_contain_text("Cannot reach the endpoint")
+    finally:
+        page.close()
+
+
 def test_page_as_a_serve_application_beside_the_endpoint(tab, chat_endpoint):
     """One Serve instance, two applications: the API on /v1, the page on /chat."""
     from playwright.sync_api import expect

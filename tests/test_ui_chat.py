@@ -3,6 +3,8 @@ real HTTP, canned streamed answers), plus the page's small helpers."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import socket
 import threading
@@ -13,7 +15,8 @@ import pytest
 from attune.ui.chat import GenerationSettings, Stats, Turn, messages_for, stream_reply
 from attune.ui.compare import side_by_side
 from attune.ui.endpoint import list_models, make_client
-from attune.ui.users import UsersError, page_users
+from attune.ui.passwords import add_user, read_users_file, verify_password
+from attune.ui.users import UsersError, page_login
 
 
 class FakeEndpoint:
@@ -152,15 +155,88 @@ def test_side_by_side_yields_both_answers_until_both_end(fake):
     assert {req["model"] for req in fake.requests} == {"base", "tuned"}
 
 
-def test_page_users_from_env_and_file(tmp_path):
-    users_file = tmp_path / "users"
-    users_file.write_text("# who may chat\nalan:enigma\n\n")
-    environ = {"ATTUNE_CHAT_USERS": "ada:secret, grace:cobol", "ATTUNE_CHAT_USERS_FILE": str(users_file)}
-    assert page_users(environ) == [("ada", "secret"), ("grace", "cobol"), ("alan", "enigma")]
-    assert page_users({}) is None
+def _logs_in(check, user: str, password: str) -> bool:
+    return asyncio.run(check(user, password))  # Gradio awaits the page's login check
+
+
+def test_users_file_holds_salted_hashes_not_passwords(tmp_path):
+    path = tmp_path / "chat-users"
+    add_user(path, "ada", "lovelace")
+    add_user(path, "alan", "lovelace")
+    users = read_users_file(path)
+    assert "lovelace" not in path.read_text() and path.stat().st_mode & 0o777 == 0o600
+    assert users["ada"].startswith("scrypt$") and users["ada"] != users["alan"]  # salted
+    assert verify_password("lovelace", users["ada"]) and not verify_password("Lovelace", users["ada"])
+    add_user(path, "ada", "analytical")  # a new password replaces the line, the others stay
+    users = read_users_file(path)
+    assert list(users) == ["ada", "alan"] and verify_password("analytical", users["ada"])
+
+
+def test_a_plaintext_line_in_the_users_file_is_refused_without_echo(tmp_path):
+    path = tmp_path / "chat-users"
+    path.write_text("# who may chat\nalan:enigma\n")
     with pytest.raises(UsersError) as error:
-        page_users({"ATTUNE_CHAT_USERS": "no-password-here"})
+        read_users_file(path)
+    assert f"{path}:2" in str(error.value) and "attune chat-user add" in str(error.value)
+    assert "enigma" not in str(error.value)
+    with pytest.raises(UsersError) as error:
+        page_login("login", "127.0.0.1", environ={"ATTUNE_CHAT_USERS": "no-password-here"})
     assert "no-password-here" not in str(error.value)
+
+
+def test_login_from_a_hashed_file_and_plain_users(tmp_path):
+    path = tmp_path / "chat-users"
+    add_user(path, "ada", "lovelace")
+    check = page_login("login", "0.0.0.0", environ={"ATTUNE_CHAT_USERS": "grace:cobol",
+                                                    "ATTUNE_CHAT_USERS_FILE": str(path)})
+    assert _logs_in(check, "ada", "lovelace") and _logs_in(check, "grace", "cobol")
+    for user, password in [("ada", "cobol"), ("grace", "lovelace"), ("nobody", "lovelace"), ("ada", "")]:
+        assert not _logs_in(check, user, password), (user, password)
+    add_user(path, "alan", "enigma")  # a changed file (a rotated Secret) counts from the next login
+    assert _logs_in(check, "alan", "enigma")
+    assert _logs_in(page_login("login", "0.0.0.0", str(path), environ={}), "alan", "enigma")
+
+
+def test_an_open_page_only_on_loopback_or_when_said(tmp_path):
+    assert page_login("login", "127.0.0.1", environ={}) is None  # a laptop
+    assert page_login("login", "localhost", environ={}) is None
+    with pytest.raises(UsersError, match="auth: none"):
+        page_login("login", "0.0.0.0", environ={})
+    assert page_login("none", "0.0.0.0", environ={}) is None  # open on purpose
+    with pytest.raises(OSError):  # a users file named but missing is an error, not an open page
+        page_login("login", "0.0.0.0", str(tmp_path / "missing"), environ={})
+
+
+def test_chat_user_add_command(tmp_path, monkeypatch, capsys):
+    from attune.cli import main
+
+    path = tmp_path / "chat-users"
+    monkeypatch.setattr("sys.stdin", io.StringIO("lovelace\n"))
+    assert main(["chat-user", "add", str(path), "ada", "--password-stdin"]) == 0
+    answers = iter(["enigma", "enigma", "one", "other"])
+    monkeypatch.setattr("getpass.getpass", lambda prompt="": next(answers))
+    assert main(["chat-user", "add", str(path), "alan"]) == 0
+    assert main(["chat-user", "add", str(path), "grace"]) == 2  # the two prompts differ
+    assert "do not match" in capsys.readouterr().err
+    users = read_users_file(path)
+    assert list(users) == ["ada", "alan"]
+    assert verify_password("lovelace", users["ada"]) and verify_password("enigma", users["alan"])
+
+
+def test_chat_command_refuses_an_open_page_on_a_network(tmp_path, monkeypatch, capsys):
+    from attune.cli import main
+
+    launched = []
+    monkeypatch.setattr("attune.ui.launch_page", lambda page, **kw: launched.append(kw))
+    monkeypatch.delenv("ATTUNE_CHAT_USERS", raising=False)
+    monkeypatch.delenv("ATTUNE_CHAT_USERS_FILE", raising=False)
+    assert main(["chat", "--host", "0.0.0.0"]) == 2 and not launched
+    assert "--auth none" in capsys.readouterr().err
+    assert main(["chat", "--host", "0.0.0.0", "--auth", "none"]) == 0
+    users = tmp_path / "chat-users"
+    add_user(users, "ada", "lovelace")
+    assert main(["chat", "--host", "0.0.0.0", "--users-file", str(users)]) == 0
+    assert [(kw["auth"], kw["users_file"]) for kw in launched] == [("none", None), ("login", str(users))]
 
 
 def test_serve_builder_checks_its_args():
@@ -169,3 +245,6 @@ def test_serve_builder_checks_its_args():
     assert build_app({"endpoint": "http://127.0.0.1:8000/v1", "model": "tiny-full"}) is not None
     with pytest.raises(ValueError):
         build_app({"endpoint": "http://x/v1", "modle": "typo"})
+    assert build_app({"auth": "none", "users_file": "/var/run/secrets/attune-chat/users"}) is not None
+    with pytest.raises(ValueError):
+        build_app({"auth": "open"})

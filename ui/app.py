@@ -2,6 +2,7 @@
 
     .venv/bin/python ui/app.py                      # endpoint from ATTUNE_ENDPOINT, else :8000/v1
     ATTUNE_ENDPOINT=http://127.0.0.1:8011/v1 ATTUNE_CHAT_MODEL=tiny-full .venv/bin/python ui/app.py
+    ATTUNE_CHAT_HOST=0.0.0.0 ATTUNE_CHAT_USERS_FILE=chat-users .venv/bin/python ui/app.py   # login
 
 The logic lives in attune.ui; this file only reads the environment.
 """
@@ -17,4 +18,5 @@ demo = build_page(os.environ.get("ATTUNE_ENDPOINT", DEFAULT_ENDPOINT),
 
 if __name__ == "__main__":
     launch_page(demo, host=os.environ.get("ATTUNE_CHAT_HOST", "127.0.0.1"),
-                port=int(os.environ.get("ATTUNE_CHAT_PORT", "7860")))
+                port=int(os.environ.get("ATTUNE_CHAT_PORT", "7860")),
+                auth=os.environ.get("ATTUNE_CHAT_AUTH", "login"))  # "none": open off loopback too

@@ -27,6 +27,7 @@ COMMANDS = {
     "promote": "promote",
     "k8s": "k8s",
     "chat": "chat",
+    "chat-user": "chat_user",
 }
 
 

@@ -1,8 +1,12 @@
 """attune chat [--endpoint URL] [--model ID]: serve the Gradio chat page over an OpenAI endpoint.
 
+    attune chat                                                   # http://127.0.0.1:7860, no login
+    attune chat --host 0.0.0.0 --users-file chat-users            # `attune chat-user add` writes it
+
 The page works against attune's endpoint (the default: where `attune serve` listens), plain vLLM,
-or any OpenAI-compatible server. The API key comes from ATTUNE_API_KEY; page login from
-ATTUNE_CHAT_USERS ("user:pass,...") or ATTUNE_CHAT_USERS_FILE.
+or any OpenAI-compatible server. The API key comes from ATTUNE_API_KEY, and every visitor of the
+page uses it: off loopback the page needs a login (--users-file, ATTUNE_CHAT_USERS_FILE, or
+ATTUNE_CHAT_USERS="user:pass,...") unless --auth none says to serve it open.
 """
 
 HELP = "chat with served models in the browser (Gradio)"
@@ -16,21 +20,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--compare-model", help="second model selected for compare mode")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--users-file", help="users file (user:scrypt$... lines, from `attune chat-user "
+                        "add`); read at each login (default: $ATTUNE_CHAT_USERS_FILE)")
+    parser.add_argument("--auth", choices=["login", "none"], default="login",
+                        help="none: serve the page without a login on any address (default: login, "
+                        "required off loopback)")
 
 
 def run(args) -> int:
     import sys
 
     from attune.ui import build_page, launch_page
-    from attune.ui.users import UsersError, page_users
+    from attune.ui.users import UsersError, page_login
 
     try:
-        page_users()  # a malformed users list fails here, in one line, before the server starts
+        # a malformed users file, or an open page on a network, fails here before the server starts
+        page_login(args.auth, args.host, args.users_file)
     except (UsersError, OSError) as e:
         print(f"attune: {e}", file=sys.stderr)
         return 2
     page = build_page(args.endpoint, model=args.model, compare_model=args.compare_model)
     print(f"[attune] chat page for {args.endpoint} at http://{args.host}:{args.port}/ (Ctrl-C to stop)",
           flush=True)
-    launch_page(page, host=args.host, port=args.port)
+    launch_page(page, host=args.host, port=args.port, auth=args.auth, users_file=args.users_file)
     return 0

@@ -5,7 +5,8 @@
 
 endpoint.py  client, model list, errors in words     chat.py     one streamed answer + its stats
 compare.py   two answers streaming side by side       page.py     the Gradio layout and events
-users.py     page login from env / file               serve.py    the Serve deployment
+users.py     who may open the page (login or not)     passwords.py  the users file: salted hashes
+serve.py     the Serve deployment
 """
 
 from attune.ui.page import build_page, launch_page

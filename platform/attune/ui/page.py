@@ -18,7 +18,7 @@ import gradio as gr
 from attune.ui.chat import GenerationSettings, Reply, Turn, messages_for, stream_reply
 from attune.ui.compare import side_by_side
 from attune.ui.endpoint import describe_error, list_models, make_client
-from attune.ui.users import page_users
+from attune.ui.users import Login, page_login
 
 EXAMPLE_QUESTIONS = ["How many layers does BERT-base have?", "What is the hidden size of BERT-base?",
                      "Which family does BERT-base belong to?"]
@@ -154,14 +154,14 @@ def _pick(models: list[str], *preferences: str | None) -> str | None:
     return next((p for p in preferences if p in models), models[0] if models else None)
 
 
-def launch_page(page: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860,
-                block: bool = True) -> str:
-    """Serve the page on its own; returns its address. Login from ATTUNE_CHAT_USERS(_FILE)."""
-    page.launch(server_name=host, server_port=port, auth=page_users(), prevent_thread_lock=not block,
-                footer_links=[], ssr_mode=False, quiet=True)
+def launch_page(page: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
+                auth: str = "login", users_file: str | None = None) -> str:
+    """Serve the page on its own; returns its address. Login as `page_login` has it."""
+    page.launch(server_name=host, server_port=port, auth=page_login(auth, host, users_file),
+                prevent_thread_lock=not block, footer_links=[], ssr_mode=False, quiet=True)
     return page.local_url
 
 
-def mount_page(app, page: gr.Blocks, path: str = "/"):
-    """The page inside another ASGI app (the Serve deployment); same login as launch_page."""
-    return gr.mount_gradio_app(app, page, path=path, auth=page_users(), footer_links=[], ssr_mode=False)
+def mount_page(app, page: gr.Blocks, *, login: Login | None, path: str = "/"):
+    """The page inside another ASGI app (the Serve deployment); `login` from `page_login`."""
+    return gr.mount_gradio_app(app, page, path=path, auth=login, footer_links=[], ssr_mode=False)

@@ -7,22 +7,26 @@ A Serve config (or a RayService's serveConfigV2) lists it as a second applicatio
     - name: chat
       route_prefix: /chat
       import_path: attune.ui:build_app
-      args: {endpoint: "http://127.0.0.1:8000/v1", model: tiny-full, compare_model: tiny-llama}
+      args: {endpoint: "http://127.0.0.1:8000/v1", model: tiny-full, users_file: /etc/attune/chat-users}
 
-The page calls the API through the Serve proxy like any client. Its key (ATTUNE_API_KEY) and page
-users (ATTUNE_CHAT_USERS / ATTUNE_CHAT_USERS_FILE) come from the replica's environment, e.g. a
-runtime_env `env_vars` entry or a Kubernetes secret, never from args that end up in logs.
+The page calls the API through the Serve proxy like any client. Its key (api_key_file, else
+ATTUNE_API_KEY) and its users (users_file, else ATTUNE_CHAT_USERS / ATTUNE_CHAT_USERS_FILE) come
+from mounted files or the replica's environment, never from args that end up in logs. With no
+user it starts only when Serve listens on a loopback address, or with `auth: none`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from ray import serve
+from ray.serve.context import _get_global_client
 
 from attune.config import StrictConfig
 from attune.ui.endpoint import DEFAULT_ENDPOINT
+from attune.ui.users import page_login
 
 
 class ChatAppArgs(StrictConfig):
@@ -34,13 +38,23 @@ class ChatAppArgs(StrictConfig):
     title: str = Field("attune chat", description="Page title.")
     api_key_file: str | None = Field(None, description="File holding the endpoint's key (a "
                                      "mounted Secret); else ATTUNE_API_KEY from the environment.")
+    auth: Literal["login", "none"] = Field(
+        "login", description="login: users sign in (users_file or ATTUNE_CHAT_USERS[_FILE]); with "
+        "none configured the page starts only if Serve listens on loopback. none: open to anyone "
+        "who reaches it, using the page's API key; must be said explicitly.")
+    users_file: str | None = Field(None, description="File of user:scrypt$... lines (a mounted "
+                                   "Secret; `attune chat-user add` writes it), read at each login; "
+                                   "else ATTUNE_CHAT_USERS_FILE from the environment.")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})  # the page waits on the endpoint; no CPU of its own
 @serve.ingress()
 class ChatPage:
-    def __init__(self, **args):
+    async def __init__(self, **args):
         self.args = ChatAppArgs(**args)
+        # Who can reach the page is where Serve listens (the controller knows; we run in a replica).
+        http = await _get_global_client()._controller.get_http_config.remote()
+        self.login = page_login(self.args.auth, http.host, self.args.users_file)
 
     def __serve_build_asgi_app__(self):
         # Built in the replica: a Gradio app holds threads and locks that do not pickle.
@@ -53,7 +67,7 @@ class ChatPage:
                    if key_file and Path(key_file).is_file() else None)
         page = build_page(self.args.endpoint, model=self.args.model, api_key=api_key,
                           compare_model=self.args.compare_model, title=self.args.title)
-        return mount_page(FastAPI(), page)
+        return mount_page(FastAPI(), page, login=self.login)
 
 
 def build_app(args: dict | None = None) -> serve.Application:
