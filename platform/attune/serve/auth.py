@@ -9,7 +9,6 @@ mounted file swapped by the kubelet) adds and revokes keys within seconds, witho
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import os
 import time
@@ -18,7 +17,8 @@ from pathlib import Path
 import ray
 from ray.serve.context import _get_global_client
 
-LOOPBACK_NAMES = {"localhost"}
+from attune.addresses import is_loopback
+
 # Health and readiness stay open: Serve's own routes, and vLLM's when it is the ingress.
 OPEN_PATHS = {"/-/healthz", "/-/routes", "/health", "/ping"}
 # How often a request looks at the key file again: one small read every few seconds, far inside
@@ -54,15 +54,6 @@ class Keys:
 
 def _keys(lines: list[str]) -> list[str]:
     return [k for k in (line.strip() for line in lines) if k and not k.startswith("#")]
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def openai_error(status: int, message: str, type_: str, code: str | int | None = None,

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from attune.addresses import is_loopback
 from attune.ui.passwords import DECOY, UsersError, read_users_file, verify_password
 
 USERS_ENV = "ATTUNE_CHAT_USERS"
 USERS_FILE_ENV = "ATTUNE_CHAT_USERS_FILE"
-LOOPBACK_NAMES = {"localhost"}
 
 log = logging.getLogger(__name__)
 Login = Callable[[str, str], Awaitable[bool]]
@@ -77,12 +76,3 @@ def _parse(entry: str) -> tuple[str, str]:
         # never echo the entry: it may hold a password
         raise UsersError(f"a page user in {USERS_ENV} must be written user:password")
     return user, password
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
