@@ -15,11 +15,12 @@ from attune.console import _shown_only
 
 def test_a_quiet_console_shows_attunes_lines_warnings_and_errors_only():
     printed = []
-    shown = _shown_only(lambda data, ignore_prefix: printed.append(data["lines"]))
+    shown = _shown_only(lambda data, ignore_prefix: printed.append((data["lines"], ignore_prefix)))
     shown({"pid": 1, "lines": ["INFO engine started", "[attune] step 1/2 | loss 2.0",
                                "WARNING low memory", "INFO request done"]}, False)
     shown({"pid": 1, "lines": ["INFO nothing to see"]}, False)
-    assert printed == [["[attune] step 1/2 | loss 2.0", "WARNING low memory"]]
+    # attune's lines without Ray's "(worker pid=...)" prefix, as the driver's own
+    assert printed == [(["[attune] step 1/2 | loss 2.0"], True), (["WARNING low memory"], False)]
 
 
 def train(tmp_path, *flags: str) -> list[str]:
@@ -35,7 +36,7 @@ def train(tmp_path, *flags: str) -> list[str]:
 def test_attune_train_says_little_unless_verbose(tmp_path):
     quiet = train(tmp_path / "quiet")
     assert [line for line in quiet if re.search(r"\sINFO\s", line)] == []
-    assert [line for line in quiet if "pid=" in line and "[attune]" not in line] == []
+    assert [line for line in quiet if "pid=" in line and "[attune]" in line] == []
     assert any(line.startswith("[attune] Ray's and its workers' logs: ") for line in quiet)
     assert any("[attune] step 10/10" in line for line in quiet), quiet
     verbose = train(tmp_path / "verbose", "--verbose")

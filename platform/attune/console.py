@@ -56,9 +56,13 @@ def say_where_logs_are() -> None:
 
 def _shown_only(print_to_stdstream):
     def shown(data, ignore_prefix: bool):
-        lines = [line for line in data.get("lines", []) if any(s in line for s in SHOWN)]
-        if lines:
-            print_to_stdstream({**data, "lines": lines}, ignore_prefix)
+        lines = data.get("lines", [])
+        ours = [line for line in lines if "[attune]" in line]
+        others = [line for line in lines if "[attune]" not in line and any(s in line for s in SHOWN)]
+        if ours:  # as the driver's own lines, without Ray's "(worker pid=...)" prefix
+            print_to_stdstream({**data, "lines": ours}, True)
+        if others:
+            print_to_stdstream({**data, "lines": others}, ignore_prefix)
 
     shown.attune_quiet = True
     return shown
