@@ -51,10 +51,10 @@ def post(endpoint, path: str, body: bytes | dict, key: str | None = "default") -
     request = urllib.request.Request(endpoint.base_url + path, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=120) as r:
-            return r.status, dict(r.headers), json.loads(r.read())
+            status, headers, raw = r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
-        raw = e.read()
-        return e.code, dict(e.headers), (json.loads(raw) if raw.startswith(b"{") else {"raw": raw})
+        status, headers, raw = e.code, e.headers, e.read()
+    return status, dict(headers), (json.loads(raw) if raw.startswith(b"{") else {"raw": raw})
 
 
 def test_models_lists_base_full_and_lora(served_endpoint):
@@ -103,6 +103,7 @@ def test_auth(served_endpoint):
         assert status == 401
         assert set(error["error"]) == {"message", "type", "param", "code"}
         assert served_endpoint.api_key not in json.dumps(error)
+    assert post(served_endpoint, "/chat/completions", b"not json", key=None)[0] == 401  # key first
     assert post(served_endpoint, "/chat/completions", body)[0] == 200
     health = served_endpoint.base_url.removesuffix("/v1") + "/-/healthz"
     assert urllib.request.urlopen(health, timeout=10).status == 200  # open without a key
@@ -121,22 +122,81 @@ BAD_REQUESTS = {
     "prompt longer than the model": {**GOOD, "messages": [{"role": "user", "content": "attention " * 2000}]},
     "wrong type": {**GOOD, "temperature": "hot"},
     "unknown role": {**GOOD, "messages": [{"role": "wizard", "content": "hi"}]},
+    "not json": b"hello",
+    "messages not a list": {**GOOD, "messages": {"role": "user", "content": "hi"}},
+    "object content": {**GOOD, "messages": [{"role": "user", "content": {"text": "hi"}}]},
+    "string in content list": {**GOOD, "messages": [{"role": "user", "content": ["hi"]}]},
+    "string for stream": {**GOOD, "stream": "true"},
+    "string for max_tokens": {**GOOD, "max_tokens": "8"},
+    "number for a stop string": {**GOOD, "stop": [1]},
+}
+GOOD_COMPLETION = {"model": "tiny-full", "prompt": QUESTIONS[0][0], "max_tokens": 8,
+                   "temperature": 0}
+BAD_COMPLETIONS = {
+    "malformed json": b'{"model": "tiny-full", "prompt": ',
+    "not json": b"hello",
+    "object prompt": {**GOOD_COMPLETION, "prompt": {"text": "hi"}},
+    "string for stream": {**GOOD_COMPLETION, "stream": "true"},
+    "string for max_tokens": {**GOOD_COMPLETION, "max_tokens": "8"},
+    "string for echo": {**GOOD_COMPLETION, "echo": "false"},
 }
 
 
-@pytest.mark.parametrize("name", list(BAD_REQUESTS))
-def test_bad_request_gets_a_4xx_and_the_service_keeps_answering(served_endpoint, name):
-    assert_refused_then_answers(served_endpoint, BAD_REQUESTS[name])
+def bad_requests(*skip: str) -> list:
+    """(path, body) of every bad request, for pytest.mark.parametrize."""
+    return ([pytest.param("/chat/completions", body, id=f"chat: {name}")
+             for name, body in BAD_REQUESTS.items() if name not in skip]
+            + [pytest.param("/completions", body, id=f"completion: {name}")
+               for name, body in BAD_COMPLETIONS.items()])
 
 
-def assert_refused_then_answers(endpoint, bad: bytes | dict) -> None:
+@pytest.mark.parametrize("path, bad", bad_requests())
+def test_bad_request_gets_a_4xx_and_the_service_keeps_answering(served_endpoint, path, bad):
+    assert_refused_then_answers(served_endpoint, bad, path)
+
+
+def assert_refused_then_answers(endpoint, bad: bytes | dict, path: str) -> None:
     """A 4xx in OpenAI's error shape for `bad`, then a right answer to a good request."""
-    status, _, body = post(endpoint, "/chat/completions", bad)
+    status, _, body = post(endpoint, path, bad)
     assert 400 <= status < 500, (status, body)
     assert body["error"]["message"], body
     assert {"message", "type", "code"} <= set(body["error"])
     status, _, answer = post(endpoint, "/chat/completions", GOOD)
     assert status == 200 and answer["choices"][0]["message"]["content"].strip() == QUESTIONS[0][1]
+
+
+def test_types_are_checked_as_openai_checks_them(served_endpoint):
+    assert_types_checked_as_openai_does(served_endpoint)
+
+
+def assert_types_checked_as_openai_does(endpoint) -> None:
+    """A wrongly typed field is a 400 that names it; what OpenAI's Python client and attune's
+    chat page send passes: nulls, ints where floats belong, content parts, stop lists, n > 1,
+    streams with usage."""
+    from attune.ui.chat import GenerationSettings, Turn, messages_for, stream_reply
+
+    status, _, body = post(endpoint, "/chat/completions", BAD_REQUESTS["object content"])
+    assert status == 400 and body["error"]["param"] == "messages[0].content", body
+    assert "expected a string or an array of objects, got an object" in body["error"]["message"]
+
+    c, question = client(endpoint), QUESTIONS[0][0]
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Answer."}]},
+             {"role": "user", "content": [{"type": "text", "text": question}]}]
+    r = c.chat.completions.create(model="tiny-full", messages=parts, n=2, temperature=1, top_p=1,
+                                  seed=0, stop=["\n", "."], max_completion_tokens=8, user=None)
+    assert len(r.choices) == 2
+    stream = c.chat.completions.create(
+        model="tiny-full", messages=[{"role": "user", "content": question}], max_tokens=8,
+        temperature=0.0, stop=None, stream=True, stream_options={"include_usage": True})
+    usage = [chunk.usage.completion_tokens for chunk in stream if chunk.usage]
+    assert len(usage) == 1 and 0 < usage[0] <= 8
+    r = c.completions.create(model="tiny-full", prompt=[question, question], max_tokens=4,
+                             temperature=0, echo=False, logprobs=1, stop="\n")
+    assert len(r.choices) == 2
+    settings = GenerationSettings(system_prompt="Answer.", stop=("\n",), max_tokens=8)
+    turns = [Turn(user="hi", answer="hello")]
+    *_, reply = stream_reply(c, "tiny-full", messages_for(turns, question, settings), settings)
+    assert reply.error is None and reply.text
 
 
 def test_64_concurrent_streams_all_complete(served_endpoint):

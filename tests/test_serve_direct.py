@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import API_KEY, ServedEndpoint, ray_start_head, stop_group
-from test_serve import BAD_REQUESTS, QUESTIONS, ask, assert_refused_then_answers, client, post
+from test_serve import (
+    QUESTIONS,
+    ask,
+    assert_refused_then_answers,
+    assert_types_checked_as_openai_does,
+    bad_requests,
+    client,
+    post,
+)
 
 from attune.answers import exact_match
 from attune.cluster import free_port
@@ -90,6 +98,7 @@ def test_direct_auth(direct_endpoint):
         assert status == 401
         assert set(error["error"]) == {"message", "type", "param", "code"}
         assert API_KEY not in str(error)
+    assert post(direct_endpoint, "/chat/completions", b"not json", key=None)[0] == 401  # key first
     assert post(direct_endpoint, "/chat/completions", body)[0] == 200
     root = direct_endpoint.base_url.removesuffix("/v1")
     for health in ("/-/healthz", "/health"):  # Serve's and vLLM's, open without a key
@@ -124,9 +133,13 @@ def test_direct_engine_waits_for_its_worker_without_spinning(direct_endpoint, di
     assert {"(EngineCore", "(VllmWorker-0"} <= said, said
 
 
-@pytest.mark.parametrize("name", [n for n in BAD_REQUESTS if n != "unknown adapter"])
-def test_direct_bad_request_gets_a_4xx_and_the_service_keeps_answering(direct_endpoint, name):
-    assert_refused_then_answers(direct_endpoint, BAD_REQUESTS[name])
+@pytest.mark.parametrize("path, bad", bad_requests("unknown adapter"))
+def test_direct_bad_request_gets_a_4xx_and_the_service_keeps_answering(direct_endpoint, path, bad):
+    assert_refused_then_answers(direct_endpoint, bad, path)
+
+
+def test_direct_types_are_checked_as_openai_checks_them(direct_endpoint):
+    assert_types_checked_as_openai_does(direct_endpoint)
 
 
 def test_direct_overload_beyond_the_queue_is_refused_with_retry_after(direct_endpoint):

@@ -26,6 +26,7 @@ from attune.serve.ingress import (
     use_plain_asgi_errors,
 )
 from attune.serve.llm_config import REPLICA_ENV, adapters_path, llm_configs, logging_config
+from attune.serve.request_body import BodyCheckMiddleware
 from attune.serve.server import LLMServer
 
 
@@ -47,6 +48,7 @@ def openai_app(configs: list[LLMConfig], config: ServeConfig) -> Application:
     """
     app = init()
     use_plain_asgi_errors(app)
+    app.add_middleware(BodyCheckMiddleware)  # each added middleware wraps those added before
     app.add_middleware(ApiKeyMiddleware, env_var=config.api_keys_env,
                        key_file=config.api_keys_file, required=config.auth == "api_key")
     app.add_middleware(RetryAfterMiddleware)

@@ -7,14 +7,12 @@ In the default app (attune.serve.app) every streamed token travels engine -> LLM
 HAProxy) -> client, each replica a Python process on the same cores as the engine. Ray Serve
 2.60 can instead have HAProxy send each request straight to an LLMServer replica serving vLLM's
 FastAPI app (Ray's direct streaming): one Python hop fewer. attune puts the same API-key check,
-role check and Retry-After in front of that app. Ray's limits hold: one model, no LoRA, and the
+body check and Retry-After in front of that app. Ray's limits hold: one model, no LoRA, and the
 cluster started with RAY_SERVE_ENABLE_HA_PROXY=1 (its controller and proxies read it once, at
 start).
 """
 
 from __future__ import annotations
-
-import json
 
 from ray.llm._internal.serve.core.ingress.builder import _build_direct_streaming_llm_deployment
 from ray.llm._internal.serve.core.server.llm_server import _add_middleware_to_built_app
@@ -24,10 +22,11 @@ from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig
 
 from attune.cluster import HA_PROXY_ENV
-from attune.serve.auth import ApiKeyMiddleware, openai_error
+from attune.serve.auth import ApiKeyMiddleware
 from attune.serve.config import ServeConfig
-from attune.serve.ingress import RetryAfterMiddleware, unknown_role
+from attune.serve.ingress import RetryAfterMiddleware
 from attune.serve.llm_config import llm_configs
+from attune.serve.request_body import BodyCheckMiddleware
 from attune.serve.server import LLMServer
 
 
@@ -58,49 +57,9 @@ class DirectLLMServer(LLMServer):
     async def __serve_build_asgi_app__(self):
         app = await super().__serve_build_asgi_app__()
         # Each added middleware wraps the ones before it: auth first, then Retry-After on
-        # overload answers, then the role check, then vLLM's routes.
-        _add_middleware_to_built_app(app, RoleCheckMiddleware)
+        # overload answers, then the body check, then vLLM's routes.
+        _add_middleware_to_built_app(app, BodyCheckMiddleware)
         _add_middleware_to_built_app(app, RetryAfterMiddleware)
         _add_middleware_to_built_app(app, ApiKeyMiddleware, **self._auth)
         return app
 
-
-class RoleCheckMiddleware:
-    """vLLM renders any role into the prompt; refuse one no chat template knows, with a 400, as
-    the default ingress does. Reads the chat request's body and hands it on unchanged."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if (scope["type"] != "http" or scope["method"] != "POST"
-                or not scope["path"].endswith("/chat/completions")):
-            return await self.app(scope, receive, send)
-        received, body = [], b""
-        while True:
-            message = await receive()
-            received.append(message)
-            body += message.get("body", b"")
-            if message["type"] != "http.request" or not message.get("more_body"):
-                break
-        if problem := _role_problem(body):
-            await send({"type": "http.response.start", "status": 400,
-                        "headers": [(b"content-type", b"application/json")]})
-            await send({"type": "http.response.body",
-                        "body": openai_error(400, problem, "invalid_request_error", code=400)})
-            return
-
-        async def replay():
-            return received.pop(0) if received else await receive()
-
-        await self.app(scope, replay, send)
-
-
-def _role_problem(body: bytes) -> str | None:
-    try:
-        messages = json.loads(body).get("messages")
-    except (ValueError, AttributeError):
-        return None  # not a JSON object: vLLM's own validation answers it
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        return None
-    return unknown_role(messages)

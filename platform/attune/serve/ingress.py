@@ -1,9 +1,8 @@
 """Ray's OpenAI ingress, strict about what it accepts and light on every streamed token.
 
-Two gaps closed on top of `OpenAiIngress`: a chat message with a role no chat template knows
-("wizard") is refused with a 400 instead of being rendered into the prompt, and errors Ray raises
-as plain HTTP exceptions (an unknown model) come back in OpenAI's error shape, not FastAPI's
-`{"detail": ...}`, and so do Serve's plain-text overload refusals.
+Errors Ray raises as plain HTTP exceptions (an unknown model) come back in OpenAI's error shape,
+not FastAPI's `{"detail": ...}`, and so do Serve's plain-text overload refusals. Request bodies
+are checked before they get here (attune.serve.request_body, in both apps).
 
 Every token the default app streams crosses this replica, so two of Ray's per-chunk costs are
 taken out: the model handles use Serve's gRPC channel, and Ray's exception middleware is plain
@@ -20,11 +19,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from ray.llm._internal.serve.core.configs.openai_api_models import (
-    ChatCompletionRequest,
-    ModelList,
-    OpenAIHTTPException,
-)
+from ray.llm._internal.serve.core.configs.openai_api_models import ModelList
 from ray.llm._internal.common.utils.lora_utils import get_lora_model_ids
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
 from ray.llm._internal.serve.core.ingress.middleware import (
@@ -42,21 +37,10 @@ from attune.serve.auth import openai_error
 # The name of the BaseHTTPMiddleware dispatch Ray LLM's ingress `init()` adds (Ray 2.60).
 RAY_ERRORS_DISPATCH = "_handle_application_exceptions"
 
-ROLES = {"system", "developer", "user", "assistant", "tool"}
-
 logger = logging.getLogger(__name__)
 
 # The last event of every OpenAI stream; vLLM sends it itself.
 STREAM_END = "data: [DONE]\n\n"
-
-
-def unknown_role(messages: list) -> str | None:
-    """What is wrong with the first message whose role no chat template knows, if one is."""
-    for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
-        if role not in ROLES:
-            return f"messages[{i}].role: {role!r} is not one of {sorted(ROLES)}"
-    return None
 
 
 class Ingress(OpenAiIngress):
@@ -107,11 +91,6 @@ class Ingress(OpenAiIngress):
                 if card := await self.model(model_id):
                     cards[model_id] = card
         return ModelList(data=list(cards.values()))
-
-    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        if problem := unknown_role(body.messages):
-            raise OpenAIHTTPException(status_code=400, type="invalid_request_error", message=problem)
-        return await super().chat(body, request)
 
 
 def _ends_stream(response) -> bool:
