@@ -236,6 +236,17 @@ def test_endpoint_down_shows_an_error_and_the_page_recovers(tab, chat_endpoint, 
         relay.stop()
 
 
+def _sign_in_after_a_wrong_password(tab, user: str, password: str) -> None:
+    from playwright.sync_api import expect
+
+    for attempt in ("wrong", password):
+        tab.fill("input[type=text]", user)
+        tab.fill("input[type=password]", attempt)
+        tab.get_by_role("button", name="Login").click()
+        if attempt == "wrong":
+            expect(tab.get_by_text("Incorrect Credentials")).to_be_visible()
+
+
 def test_page_login(tab, chat_endpoint, monkeypatch):
     from playwright.sync_api import expect
 
@@ -243,12 +254,7 @@ def test_page_login(tab, chat_endpoint, monkeypatch):
     page, url = _launch(chat_endpoint.base_url, chat_endpoint)
     try:
         tab.goto(url)
-        for password in ("wrong", "lovelace"):
-            tab.fill("input[type=text]", "ada")
-            tab.fill("input[type=password]", password)
-            tab.get_by_role("button", name="Login").click()
-            if password == "wrong":
-                expect(tab.get_by_text("Incorrect Credentials")).to_be_visible()
+        _sign_in_after_a_wrong_password(tab, "ada", "lovelace")
         expect(tab.locator("#model-a input")).to_have_value(chat_endpoint.finetuned_model_id)
     finally:
         page.close()
@@ -269,12 +275,7 @@ def test_page_login_from_a_hashed_users_file(tab, tmp_path, monkeypatch):
     url = launch_page(page, port=_free_port(), block=False, users_file=str(users))
     try:
         tab.goto(url)
-        for password in ("wrong", "lovelace"):
-            tab.fill("input[type=text]", "ada")
-            tab.fill("input[type=password]", password)
-            tab.get_by_role("button", name="Login").click()
-            if password == "wrong":
-                expect(tab.get_by_text("Incorrect Credentials")).to_be_visible()
+        _sign_in_after_a_wrong_password(tab, "ada", "lovelace")
         expect(tab.locator("#endpoint-status")).to_contain_text("Cannot reach the endpoint")
     finally:
         page.close()
