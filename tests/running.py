@@ -32,7 +32,8 @@ class Command:
             args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, MARKER: self.marker, "ATTUNE_HOME": str(tmp_path / "home"), **env},
             start_new_session=True)
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self):
         for line in self.proc.stdout:
@@ -63,6 +64,14 @@ class Command:
             raise AssertionError(f"still running {STOP_WITHIN_S} s after Ctrl-C:\n"
                                  + "".join(self.output[-40:])) from None
         return time.monotonic() - start
+
+    def all_output(self) -> str:
+        """Everything it printed so far (all of it once it has ended)."""
+        if self.proc.poll() is not None:
+            self.reader.join(timeout=10)  # until the pipe's end: its last lines
+        while not self.lines.empty():
+            self.output.append(self.lines.get())
+        return "".join(self.output)
 
     def left_running(self) -> dict[int, str]:
         return left_behind(self.marker, grace_s=15)

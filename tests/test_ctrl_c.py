@@ -51,9 +51,29 @@ def test_ctrl_c_stops_attune_chat(tmp_path):
 
 
 def test_ctrl_c_stops_attune_serve(tmp_path, tiny_full_entry):
-    command = Command([*ATTUNE, "serve", "recipes/tiny-full.yaml", "--port", str(free_port()),
-                       f"output.registry={Path(tiny_full_entry).parent}"], tmp_path,
-                      ATTUNE_API_KEYS=API_KEY, ATTUNE_HOME=os.environ["ATTUNE_HOME"])
+    command = Command([*ATTUNE, "serve", "recipes/tiny-full.yaml",
+                       f"output.registry={Path(tiny_full_entry).parent}", "--port", str(free_port())],
+                      tmp_path, ATTUNE_API_KEYS=API_KEY, ATTUNE_HOME=os.environ["ATTUNE_HOME"])
     command.wait_for("[attune] serving at", timeout=300)
     command.ctrl_c()
     assert command.left_running() == {}
+
+
+def test_ctrl_c_stops_make_demo_at_its_chat_page(tmp_path, tiny_full_entry):
+    """The demo's training resumes the session's finished run, so this is mostly its serving."""
+    command = Command([sys.executable, "-m", "attune.demo", "--port", str(free_port()),
+                       "--chat-port", str(free_port())], tmp_path,
+                      ATTUNE_HOME=os.environ["ATTUNE_HOME"])
+    command.wait_for("[demo] chat page:", timeout=600)
+    time.sleep(2)  # the page's server is up by now
+    command.ctrl_c()
+    assert command.left_running() == {}
+
+
+def test_ctrl_c_stops_attune_tune_which_says_how_to_resume(tmp_path):
+    command = Command([*ATTUNE, "tune", "tuning/tiny-full-asha.yaml", "num_samples=2",
+                       "optim.max_steps=2000", "eval.log_every_steps=1"], tmp_path)
+    command.wait_for("[attune] step ", timeout=300)
+    command.ctrl_c()
+    assert command.left_running() == {}
+    assert "interrupted; run the same command again to resume" in command.all_output()

@@ -47,7 +47,8 @@ def side_by_side(base_path: str, entry: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--exit", action="store_true", help="stop after the checks")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="the API's port")
+    parser.add_argument("--chat-port", type=int, default=7860, help="the chat page's port")
     parser.add_argument("--verbose", action="store_true", help="show Ray's and vLLM's logs too")
     args = parser.parse_args()
     if args.verbose:
@@ -71,7 +72,7 @@ def main() -> None:
     print(f"[demo] up in {time.time() - start:.0f}s")
     if args.exit:
         return
-    chat(endpoint.base_url, api_key, recipe.name)
+    chat(endpoint.base_url, api_key, recipe.name, port=args.chat_port)
 
 
 def chat(base_url: str, api_key: str, model: str, port: int = 7860) -> None:

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +51,7 @@ from attune.tune.trial import run_trial, run_trial_in_stretches
 # guide keeps Tune's default of one CPU for it, so the budget counts it too.
 TRIAL_DRIVER = {"CPU": 1}
 SEARCH_FILE = "attune_search.json"  # the search and recipe an experiment was started with
+TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 
 
 @dataclass
@@ -84,13 +89,14 @@ def run_search(search: SearchConfig, recipe_raw: dict, callbacks: list | None = 
         _write_text(f"{experiment_path}/{SEARCH_FILE}", _search_record(search, recipe_raw))
     before, started = _placement_groups(), time.monotonic()
     try:
-        grid = tuner.fit()
+        with _ctrl_c_noted() as ctrl_c:
+            grid = tuner.fit()
     finally:
         _release_leaked_placement_groups(before)
 
     max_steps = recipe.optim.max_steps  # load_search made sure it is set
     rows = trial_rows(grid, search.metric, search.mode, max_steps)
-    if _interrupted(grid, search, time.monotonic() - started):  # resume by running it again
+    if ctrl_c.is_set() or _interrupted(grid, search, time.monotonic() - started):
         return SearchOutcome(experiment_path, rows, None, None, interrupted=True)
     best = best_row(rows, search.mode, max_steps)
     if "://" not in experiment_path:
@@ -101,6 +107,33 @@ def run_search(search: SearchConfig, recipe_raw: dict, callbacks: list | None = 
         entry = _write_best(search, recipe_raw, best, result, base_path, prepared, storage, len(rows))
     return SearchOutcome(experiment_path, rows, best, entry, interrupted=False,
                          table=format_table(rows, search.metric, best))
+
+
+@contextmanager
+def _ctrl_c_noted():
+    """Ctrl-C ends the experiment as Tune's own handler does (its state saved, to be resumed), and
+    is noted: Tune stops its trials, which then look finished. Tune's SIGUSR1 does the stopping."""
+    noted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield noted  # no signals here: Tune handles none either
+        return
+
+    def on_ctrl_c(signum, frame):
+        noted.set()
+        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C is the process's own again
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    tune_handler = os.environ.get(TUNE_SIGINT_ENV)
+    os.environ[TUNE_SIGINT_ENV] = "1"  # Tune's own SIGINT handler would hide the Ctrl-C
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if tune_handler is None:
+            del os.environ[TUNE_SIGINT_ENV]
+        else:
+            os.environ[TUNE_SIGINT_ENV] = tune_handler
 
 
 def _interrupted(grid, search: SearchConfig, elapsed_s: float) -> bool:
