@@ -4,33 +4,69 @@
 
 Ray queues a request that no node can meet and waits without a word. Here it fails in seconds,
 with what is asked and what the nodes have, unless the cluster's autoscaler could add nodes
-that meet it: then it says so and lets Ray wait for them.
+that meet it: then it asks for them and waits, saying so, for ATTUNE_SCALE_UP_TIMEOUT_S.
 """
 
 from __future__ import annotations
 
+import os
+import time
+
 import ray
 from ray._private.state import state as cluster_state
+from ray.autoscaler.sdk import request_resources
 
 from attune.config import ConfigError
 
+# How long a run waits for the autoscaler to add nodes it needs before it gives up.
+SCALE_UP_TIMEOUT_ENV = "ATTUNE_SCALE_UP_TIMEOUT_S"
 # Resources Ray gives every node that no request of attune's asks for.
 IGNORED = ("memory", "object_store_memory")
 
 
 def check_fits(bundles: list[dict[str, float]], what: str, key: str) -> None:
     """Fail, naming `key`, unless every bundle fits on a node (all of them at once)."""
-    nodes = [dict(n["Resources"]) for n in ray.nodes() if n["Alive"]]
+    nodes = _alive_nodes()
     if fits(bundles, nodes):
         return
     addable = _autoscaler_nodes()
     if addable and fits(bundles, nodes + addable):
-        print(f"[attune] {what} ({_show_bundles(bundles)}) do not fit the cluster's nodes now; "
-              "its autoscaler can add nodes that fit: waiting for them", flush=True)
+        wait_for_nodes(bundles, what, key, float(os.environ.get(SCALE_UP_TIMEOUT_ENV, 900)))
         return
     raise ConfigError(f"{key}: {what} need {_show_bundles(bundles)}, which the cluster's nodes "
                       f"({'; '.join(_show(n) for n in nodes) or 'none'}) cannot hold"
                       f"{' even with the nodes its autoscaler can add' if addable else ''}")
+
+
+def wait_for_nodes(bundles: list[dict[str, float]], what: str, key: str, timeout_s: float, *,
+                   alive_nodes=None, request=request_resources, sleep=time.sleep,
+                   clock=time.monotonic, every_s: float = 30) -> None:
+    """Ask the autoscaler for the bundles and wait, saying so every `every_s`, until the nodes
+    hold them; fail after `timeout_s`."""
+    alive_nodes = alive_nodes or _alive_nodes
+    request(bundles=bundles)  # now, rather than when Ray's queue reports the demand
+    start = said = clock()
+    print(f"[attune] {what} ({_show_bundles(bundles)}) do not fit the cluster's nodes now; "
+          f"asked its autoscaler for nodes, waiting up to {timeout_s:g} s", flush=True)
+    try:
+        while not fits(bundles, nodes := alive_nodes()):
+            if clock() - start >= timeout_s:
+                raise ConfigError(
+                    f"{key}: {what} need {_show_bundles(bundles)}; after {timeout_s:g} s the "
+                    f"cluster's nodes are {'; '.join(_show(n) for n in nodes) or 'none'} "
+                    f"({SCALE_UP_TIMEOUT_ENV} sets how long to wait for the autoscaler)")
+            if clock() - said >= every_s:
+                said = clock()
+                print(f"[attune] waiting for the autoscaler ({said - start:.0f} s): nodes now "
+                      f"{'; '.join(_show(n) for n in nodes) or 'none'}", flush=True)
+            sleep(5)
+    finally:
+        request(bundles=[])  # the run's own placement holds what it needs from here on
+    print("[attune] the autoscaler added the nodes", flush=True)
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    return [dict(n["Resources"]) for n in ray.nodes() if n["Alive"]]
 
 
 def fits(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> bool:
