@@ -70,9 +70,9 @@ def run_search(search: SearchConfig, recipe_raw: dict, callbacks: list | None = 
     checked = check_recipe(recipe)  # before Ray starts: bad input fails in seconds
     base_path = checked.base_path
     ensure_ray()
+    concurrency = trial_slots(search, recipe)  # the budget against the cluster's totals
     check_workers_fit(recipe, also=[TRIAL_DRIVER], what=f"one trial: its driver and "
-                      f"{recipe.scaling.num_workers} Train workers")
-    concurrency = trial_slots(search, recipe)  # fails before any trial starts
+                      f"{recipe.scaling.num_workers} Train workers")  # and against its nodes
     storage = storage_uri(recipe.output.runs)
     experiment_path = f"{storage.rstrip('/')}/{search.name}"
     resuming = _can_resume(search, recipe_raw, experiment_path)
