@@ -321,6 +321,52 @@ def test_gpus_requested_where_ray_is_told_about_them(overlay):
             assert asks == (gpus > 0), doc["spec"]["entrypoint"]
 
 
+UNITS = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+         "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity(text) -> float:
+    """A Kubernetes quantity ("32Gi", "500m") as a number."""
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(text)).groups()
+    return float(number) * UNITS[unit]
+
+
+def dev_shm_bytes(pod: dict, container: dict) -> float:
+    """/dev/shm as the Ray container gets it. Without a mount of its own there, KubeRay adds a
+    memory-backed emptyDir ("shared-mem") sized to the container's memory limit, else its request
+    (ray-operator/controllers/ray/common/pod.go: addEmptyDir, findMemoryReqOrLimit)."""
+    resources = container["resources"]
+    memory = resources.get("limits", {}).get("memory") or resources["requests"]["memory"]
+    mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+    if not mounts:
+        return quantity(memory)
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mounts[0]["name"]]
+    assert volume.get("emptyDir", {}).get("medium") == "Memory", f"/dev/shm on disk: {volume}"
+    return quantity(volume["emptyDir"].get("sizeLimit", memory))
+
+
+def test_object_store_fits_dev_shm_in_every_ray_pod(overlay, monkeypatch):
+    """Ray 2.60's default object store is 30% of the memory it sees (the pod's limit at most),
+    capped at max(10 GB, 95% of /dev/shm); one larger than /dev/shm goes to /tmp, on disk
+    (ray._private.services.determine_plasma_store_config). Worked out with Ray's own function."""
+    import ray._private.utils as ray_utils
+
+    name, docs = overlay
+    for doc, cluster in clusters(docs):
+        for group in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]:
+            where = f"{name}: {doc['metadata']['name']} {group.get('groupName', 'head')}"
+            pod, params = group["template"]["spec"], group.get("rayStartParams", {})
+            (container,) = pod["containers"]
+            limit = quantity(container["resources"]["limits"]["memory"])  # Ray sees the limit
+            assert "plasma-directory" not in params, where  # it would turn KubeRay's /dev/shm off
+            shm = dev_shm_bytes(pod, container)
+            monkeypatch.setattr(ray_utils, "get_shared_memory_bytes", lambda: int(shm))
+            store = int(params.get("object-store-memory", 0)) or \
+                ray_utils.resolve_object_store_memory(int(limit))
+            assert store <= shm, f"{where}: object store {store / 2**30:.1f} GiB > /dev/shm " \
+                f"{shm / 2**30:.1f} GiB"
+
+
 # ---- the model store ---------------------------------------------------------------------------
 
 def test_every_ray_pod_sees_the_model_store(overlay):
