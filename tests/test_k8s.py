@@ -196,8 +196,9 @@ def test_manifests_pass_strict_crd_schemas(overlay, validators):
     for doc in ray_docs:
         assert doc["apiVersion"] == "ray.io/v1"
         assert schema_errors(doc, validators) == [], f"{name}: {doc['kind']} {doc['metadata']['name']}"
-    # Besides the Ray resources, only what the model store needs.
-    assert {d["kind"] for d in docs} - set(CRDS) <= {"ConfigMap", "PersistentVolumeClaim"}
+    # Besides the Ray resources, only what the model store needs and the pods' identity.
+    assert {d["kind"] for d in docs} - set(CRDS) <= {"ConfigMap", "PersistentVolumeClaim",
+                                                      "ServiceAccount"}
 
 
 def test_strict_schemas_catch_misspelled_fields(overlay, validators):
@@ -384,12 +385,32 @@ def test_every_ray_pod_sees_the_model_store(overlay):
             if root.startswith("/"):  # a path: it must be the shared claim, not pod scratch
                 assert root == "/models", where
                 assert volume.get("persistentVolumeClaim", {}).get("claimName") in claims, where
-            else:  # an object store: credentials required
+            else:  # an object store
                 assert "://" in root, where
-                assert container["envFrom"][1]["secretRef"]["optional"] is False, where
+            # credentials from the Secret where there is one, else from the pods' cloud identity
+            assert container["envFrom"][1] == {
+                "secretRef": {"name": "attune-model-store", "optional": True}}, where
     for job in of_kind(docs, "RayJob"):  # the submitter's shell expands ${ATTUNE_STORE}
         (submitter,) = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
         assert {"configMapRef": {"name": "attune-model-store"}} in submitter["envFrom"]
+
+
+def test_every_ray_pod_runs_as_the_attune_service_account(overlay):
+    """One identity for every Ray pod, which IRSA or GKE Workload Identity can map to a cloud role
+    (the Secret is optional). KubeRay binds its autoscaler Role to the head's ServiceAccount, so
+    only the pod running the autoscaler mounts an API token."""
+    name, docs = overlay
+    (account,) = of_kind(docs, "ServiceAccount")
+    assert account["metadata"]["labels"]["app.kubernetes.io/component"] == "model-store"
+    assert account["automountServiceAccountToken"] is False
+    for doc, cluster in clusters(docs):
+        for group, pod in pod_specs(cluster):
+            where = f"{name}: {doc['metadata']['name']} {group}"
+            assert pod["serviceAccountName"] == account["metadata"]["name"], where
+            autoscaler = group == "head" and cluster.get("enableInTreeAutoscaling", False)
+            assert pod.get("automountServiceAccountToken", False) == autoscaler, where
+    text = (REPO / "k8s" / "base" / "service-account.yaml").read_text()
+    assert "eks.amazonaws.com/role-arn" in text and "iam.gke.io/gcp-service-account" in text
 
 
 def test_served_entries_are_on_the_model_store(overlay):
