@@ -120,6 +120,7 @@ def operator_errors(doc: dict) -> list[str]:
         if not isinstance(_yaml_or_error(spec.get("runtimeEnvYAML", "{}"), errors, "runtimeEnvYAML"),
                           dict):
             errors.append("runtimeEnvYAML: not a mapping")
+        errors += deletion_rule_errors(spec)
         errors += cluster_errors(spec.get("rayClusterSpec", {}))
     if kind == "RayService":
         config = _yaml_or_error(spec.get("serveConfigV2", ""), errors, "serveConfigV2")
@@ -131,6 +132,39 @@ def operator_errors(doc: dict) -> list[str]:
         if spec["rayClusterConfig"]["headGroupSpec"].get("headService", {}).get("metadata", {}).get("name"):
             errors.append("headGroupSpec.headService.metadata.name: must not be set")
         errors += cluster_errors(spec["rayClusterConfig"])
+    return errors
+
+
+DELETION_ORDER = ["DeleteWorkers", "DeleteCluster", "DeleteSelf"]  # TTLs may not decrease along it
+
+
+def deletion_rule_errors(spec: dict) -> list[str]:
+    """validateDeletionConfiguration / validateDeletionRules (and the rules' CEL, which jsonschema
+    skips)."""
+    rules = spec.get("deletionStrategy", {}).get("deletionRules")
+    if not rules:
+        return []
+    errors, ttls = [], {}
+    if spec.get("shutdownAfterJobFinishes"):
+        errors.append("deletionRules: exclude shutdownAfterJobFinishes (and so ttlSecondsAfterFinished)")
+    for i, rule in enumerate(rules):
+        condition = rule["condition"]
+        keys = [k for k in ("jobStatus", "jobDeploymentStatus") if k in condition]
+        if len(keys) != 1:
+            errors.append(f"deletionRules[{i}]: exactly one of jobStatus, jobDeploymentStatus")
+            continue
+        if rule["policy"] == "DeleteWorkers" and \
+                spec.get("rayClusterSpec", {}).get("enableInTreeAutoscaling"):
+            errors.append(f"deletionRules[{i}]: DeleteWorkers not supported with autoscaling")
+        by_policy = ttls.setdefault((keys[0], condition[keys[0]]), {})
+        if rule["policy"] in by_policy:
+            errors.append(f"deletionRules[{i}]: duplicate rule for {rule['policy']}")
+        by_policy[rule["policy"]] = condition.get("ttlSeconds", 0)
+    for (_, value), by_policy in ttls.items():
+        in_order = [by_policy[p] for p in DELETION_ORDER if p in by_policy]
+        if in_order != sorted(in_order):
+            errors.append(f"deletionRules for {value}: ttlSeconds must not decrease along "
+                          f"{' -> '.join(DELETION_ORDER)}")
     return errors
 
 
@@ -227,20 +261,37 @@ def test_operator_checks_catch_what_the_schema_cannot(overlay):
     _, docs = overlay
     job = copy.deepcopy(of_kind(docs, "RayJob")[0])
     job["spec"].update(submissionMode="K8sMode", shutdownAfterJobFinishes=False,
-                       runtimeEnvYAML="working_dir: [/app")
+                       ttlSecondsAfterFinished=300, runtimeEnvYAML="working_dir: [/app")
     errors = " ".join(operator_errors(job))
     assert "submissionMode" in errors and "ttlSecondsAfterFinished" in errors \
         and "runtimeEnvYAML" in errors
+    job = copy.deepcopy(of_kind(docs, "RayJob")[0])
+    job["spec"].update(shutdownAfterJobFinishes=True, deletionStrategy={"deletionRules": [
+        {"condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": 60}, "policy": "DeleteWorkers"},
+        {"condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": 0}, "policy": "DeleteCluster"}]})
+    errors = " ".join(operator_errors(job))
+    assert "exclude shutdownAfterJobFinishes" in errors and "must not decrease" in errors
     service = copy.deepcopy(of_kind(docs, "RayService")[0])
     service["spec"]["serveConfigV2"] = "applications: {"
     assert "serveConfigV2" in " ".join(operator_errors(service))
 
 
-def test_jobs_clean_up_and_retry(overlay):
+def test_jobs_free_their_gpus_when_done_and_retry(overlay):
+    """Success: the GPU workers go at once, the head (logs, dashboard) a while later. A final
+    failure keeps the whole cluster a while for its logs, then deletes it. A failed try before
+    that is retried on a new cluster (KubeRay deletes the old one)."""
     _, docs = overlay
     for job in of_kind(docs, "RayJob"):
-        spec = job["spec"]
-        assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+        spec, where = job["spec"], job["metadata"]["name"]
+        rules = {(r["condition"].get("jobStatus") or r["condition"]["jobDeploymentStatus"],
+                  r["policy"]): r["condition"].get("ttlSeconds", 0)
+                 for r in spec["deletionStrategy"]["deletionRules"]}
+        assert rules.get(("SUCCEEDED", "DeleteWorkers")) == 0, where
+        assert rules.get(("SUCCEEDED", "DeleteCluster"), 0) > 0, where
+        # jobDeploymentStatus Failed also covers failures that never reach the Ray job (submitter,
+        # deadlines), whose jobStatus is not FAILED
+        assert ("Failed", "DeleteCluster") in rules, where
+        assert not spec.get("shutdownAfterJobFinishes") and "ttlSecondsAfterFinished" not in spec
         assert spec["backoffLimit"] >= 1
 
 
