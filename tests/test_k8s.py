@@ -13,6 +13,7 @@ same recipes and searches as local runs), the image and Ray version, the shared 
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
 import tomllib
@@ -129,6 +130,8 @@ def operator_errors(doc: dict) -> list[str]:
         strategy = spec.get("upgradeStrategy", {}).get("type", "NewCluster")
         if strategy not in UPGRADE_TYPES:
             errors.append(f"upgradeStrategy.type {strategy!r}: not one of {sorted(UPGRADE_TYPES)}")
+        if strategy == "NewClusterWithIncrementalUpgrade":
+            errors += incremental_upgrade_errors(spec)
         if spec["rayClusterConfig"]["headGroupSpec"].get("headService", {}).get("metadata", {}).get("name"):
             errors.append("headGroupSpec.headService.metadata.name: must not be set")
         errors += cluster_errors(spec["rayClusterConfig"])
@@ -165,6 +168,24 @@ def deletion_rule_errors(spec: dict) -> list[str]:
         if in_order != sorted(in_order):
             errors.append(f"deletionRules for {value}: ttlSeconds must not decrease along "
                           f"{' -> '.join(DELETION_ORDER)}")
+    return errors
+
+
+def incremental_upgrade_errors(spec: dict) -> list[str]:
+    """ValidateClusterUpgradeOptions."""
+    if not spec["rayClusterConfig"].get("enableInTreeAutoscaling"):
+        return ["NewClusterWithIncrementalUpgrade: needs enableInTreeAutoscaling"]
+    options = spec["upgradeStrategy"].get("clusterUpgradeOptions")
+    if not options:
+        return ["NewClusterWithIncrementalUpgrade: needs clusterUpgradeOptions"]
+    errors = []
+    surge, step = options.get("maxSurgePercent", 100), options.get("stepSizePercent", -1)
+    if not 0 <= surge <= 100 or not 0 <= step <= surge:
+        errors.append("clusterUpgradeOptions: need 0 <= stepSizePercent <= maxSurgePercent <= 100")
+    if options.get("intervalSeconds", 0) <= 0:
+        errors.append("clusterUpgradeOptions.intervalSeconds: must be > 0")
+    if not options.get("gatewayClassName"):
+        errors.append("clusterUpgradeOptions.gatewayClassName: required")
     return errors
 
 
@@ -273,7 +294,9 @@ def test_operator_checks_catch_what_the_schema_cannot(overlay):
     assert "exclude shutdownAfterJobFinishes" in errors and "must not decrease" in errors
     service = copy.deepcopy(of_kind(docs, "RayService")[0])
     service["spec"]["serveConfigV2"] = "applications: {"
-    assert "serveConfigV2" in " ".join(operator_errors(service))
+    service["spec"]["upgradeStrategy"] = {"type": "NewClusterWithIncrementalUpgrade"}
+    errors = " ".join(operator_errors(service))
+    assert "serveConfigV2" in errors and "needs clusterUpgradeOptions" in errors
 
 
 def test_jobs_free_their_gpus_when_done_and_retry(overlay):
@@ -510,6 +533,35 @@ def test_serve_workers_are_ready_on_the_health_route(overlay):
         probe = group["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]
         assert probe == {"path": "/-/healthz", "port": 8000}
     assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+
+
+def test_incremental_upgrade_component_on_the_gpu_overlay(tmp_path, validators):
+    """The opt-in component (it needs the Gateway API) passes both checks on the gpu overlay, and
+    an upgrade then adds at most one GPU replica at a time instead of a second cluster."""
+    from ray.serve._private.utils import get_capacity_adjusted_num_replicas
+
+    overlay = tmp_path / "k8s" / "overlays" / "gpu-incremental"
+    overlay.mkdir(parents=True)
+    here = lambda path: os.path.relpath(REPO / "k8s" / path, overlay)  # kustomize: relative only
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [here("overlays/gpu")], "components": [here("components/incremental-upgrade")]}))
+    docs = [d for d in yaml.safe_load_all(k8s.build(tmp_path, "gpu-incremental")) if d]
+    (service,) = of_kind(docs, "RayService")
+    assert schema_errors(service, validators) == [] and operator_errors(service) == []
+    strategy = service["spec"]["upgradeStrategy"]
+    assert strategy["type"] == "NewClusterWithIncrementalUpgrade"
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (llm,) = [a for a in config["applications"] if a["name"] == "llm"]
+    surge = strategy["clusterUpgradeOptions"]["maxSurgePercent"]
+    assert get_capacity_adjusted_num_replicas(llm["args"]["autoscaling"]["max_replicas"], surge) == 1
+
+
+def test_service_upgrades_are_blue_green_unless_the_component_says_otherwise(overlay):
+    """The default works on any cluster; the incremental strategy needs a Gateway controller."""
+    _, docs = overlay
+    (service,) = of_kind(docs, "RayService")
+    assert service["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
 
 
 # ---- image and versions ------------------------------------------------------------------------
