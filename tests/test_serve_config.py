@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from attune.config import ConfigError, validate
+from attune.modeling import ensure_tiny_llama
 from attune.serve import ServeConfig
 
 TINY = {"id": "tiny-llama", "name_or_path": "attune:tiny-llama"}
@@ -138,19 +139,24 @@ def test_the_ingress_reaches_models_over_the_transport_its_own_replica_is_set_to
             "_by_reference": not grpc}
 
 
-@pytest.mark.parametrize("source, downloads", [("local", False), ("s3://models/tiny-full", True)])
+@pytest.mark.parametrize("source, downloads", [("local", False), ("s3://models/tiny-full", True),
+                                               ("attune:tiny-llama", False)])
 def test_replicas_skip_rays_download_step_only_for_models_on_disk(tmp_path, source, downloads):
-    """Ray's node-init task fetches cloud mirrors; for a directory it is a no-op costing a process."""
+    """Ray's node-init task fetches cloud mirrors; for a directory it is a no-op costing a process.
+    attune's own model arrives by name and is built on the replica's node."""
     import asyncio
 
-    from attune.serve.llm_config import llm_config
+    from attune.serve.llm_config import llm_configs
 
     source = str(tmp_path) if source == "local" else source
-    built = llm_config("tiny-full", source, validate(ServeConfig, {"base_models": [TINY]}, "args"),
-                       lora=False)
+    config = validate(ServeConfig, {"base_models": [{"id": "m", "name_or_path": source}]}, "args")
+    (built,) = llm_configs(config)
+    assert built.model_loading_config.model_source == source  # the name, not a path of this node
     callback = built.callback_config.callback_class(llm_config=built)
     asyncio.run(callback.on_before_node_init())
     assert callback.ctx.run_init_node is downloads
+    if source == "attune:tiny-llama":
+        assert built.get_engine_config().actual_hf_model_id == str(ensure_tiny_llama())
 
 
 @pytest.mark.parametrize("args, exported", [

@@ -176,12 +176,13 @@ def _row(samples: list[dict], length: int, pad_id: int) -> dict:
 class Tokenize:
     """Ray Data `map_batches` callable: raw records in, rows of fixed length out."""
 
-    def __init__(self, tokenizer_path: str, chat_template: str | None, max_seq_len: int,
+    def __init__(self, tokenizer_ref: str, chat_template: str | None, max_seq_len: int,
                  packing: bool):
         # Runs in Ray Data's workers; the driver reads and checks records without torch.
-        from attune.modeling import load_tokenizer
+        from attune.modeling import load_tokenizer, resolve_on_node
 
-        self.tokenizer = load_tokenizer(tokenizer_path, chat_template)
+        # the base model as this node has it (modeling.node_ref)
+        self.tokenizer = load_tokenizer(resolve_on_node(tokenizer_ref), chat_template)
         self.max_seq_len = max_seq_len
         self.packing = packing
 
@@ -194,9 +195,9 @@ class Tokenize:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer_for(tokenizer_path: str, chat_template: str | None, max_seq_len: int,
+def _tokenizer_for(tokenizer_ref: str, chat_template: str | None, max_seq_len: int,
                    packing: bool) -> Tokenize:
-    return Tokenize(tokenizer_path, chat_template, max_seq_len, packing)
+    return Tokenize(tokenizer_ref, chat_template, max_seq_len, packing)
 
 
 def tokenize_batch(batch: dict, **tokenize_args) -> dict:

@@ -11,11 +11,14 @@ reject smaller heads. Any other name is a Hugging Face id or a local directory.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import shutil
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pyarrow.fs as pafs
 import torch
 from huggingface_hub import try_to_load_from_cache
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -28,9 +31,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from attune.corpus import examples
-
 from attune.config import ConfigError, attune_home
+from attune.corpus import examples
+from attune.store import filesystem
 
 TINY_NAME = "attune:tiny-llama"
 
@@ -50,17 +53,73 @@ TINY_VOCAB = 2048
 
 
 def resolve(name_or_path: str) -> str:
-    """A local directory for the tiny model (built on first use), else the name unchanged."""
+    """This node's copy of a base model: the tiny model built here on first use, a store URI
+    (s3://, gs://) copied here once, a local path made absolute; a hub id unchanged (whoever
+    loads it fetches it into this node's Hugging Face cache)."""
     if name_or_path == TINY_NAME:
         return str(ensure_tiny_llama())
-    return os.path.expanduser(name_or_path) if name_or_path.startswith(("~", ".", "/")) else name_or_path
+    if "://" in name_or_path:
+        return str(copied_from_store(name_or_path))
+    if is_local_path(name_or_path):
+        return str(Path(name_or_path).expanduser().absolute())
+    return name_or_path
+
+
+def node_ref(name_or_path: str) -> str:
+    """What the driver hands other nodes for a base model: a name each node resolves itself
+    (never a directory only the driver's node has, such as its built tiny model)."""
+    return str(Path(name_or_path).expanduser().absolute()) if is_local_path(name_or_path) else name_or_path
+
+
+def resolve_on_node(ref: str, key: str = "model.name_or_path") -> str:
+    """`resolve` in a worker, where a local directory must be one every node sees."""
+    path = resolve(ref)
+    if is_local_path(ref) and not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{key}: {ref} is not on node {socket.gethostname()} "
+                          f"({_node_ip()}): a local directory must be at the same path on every "
+                          "node (a shared volume); or copy it to the model store and name its "
+                          "s3:// or gs:// URI")
+    return path
+
+
+def is_local_path(name_or_path: str) -> bool:
+    return name_or_path.startswith(("~", ".", "/"))
+
+
+def copied_from_store(uri: str) -> Path:
+    """A model directory in the object store, copied once per node (concurrent callers wait)."""
+    digest = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:12]
+    out = attune_home() / "cache" / "models" / f"{uri.rstrip('/').rsplit('/', 1)[-1]}-{digest}"
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "config.json").exists():
+            fs, path = filesystem(uri)
+            if fs.get_file_info(f"{path.rstrip('/')}/config.json").type != pafs.FileType.File:
+                raise ConfigError(f"model.name_or_path: {uri}: no model there (no config.json)")
+            partial = out.with_name(out.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            pafs.copy_files(path, str(partial), source_filesystem=fs)
+            partial.rename(out)
+    return out
+
+
+def _node_ip() -> str:
+    try:
+        import ray  # in a Ray worker only; resolve_on_node runs there
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # outside Ray: the hostname said it
+        return "no Ray node"
 
 
 def model_config(name_or_path: str, key: str = "model.name_or_path"):
     """The model's config (no weights), or a ConfigError naming `key` and saying why there is
     none: a directory without a model, a hub id that is neither cached nor reachable."""
     path = resolve(name_or_path)
-    if name_or_path.startswith(("~", ".", "/")) or os.path.isdir(path):
+    if is_local_path(name_or_path) or os.path.isdir(path):
         if not (Path(path) / "config.json").is_file():
             raise ConfigError(f"{key}: {name_or_path}: no model there (no config.json)")
     elif not isinstance(try_to_load_from_cache(path, "config.json"), str):

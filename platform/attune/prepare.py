@@ -1,6 +1,6 @@
 """The recipe's data as Ray Datasets: validated on the driver, tokenized and packed by Ray Data.
 
-    prepared = prepare_data(recipe, tokenizer_path, check_recipe(recipe))
+    prepared = prepare_data(recipe, check_recipe(recipe))
 
 Every line is read and checked on the driver first (attune.preflight), so a bad line fails with
 its file:line before any worker starts; the tokenizing runs in Ray Data tasks on the cluster.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import ray.data
 
-from attune import data
+from attune import data, modeling
 from attune.preflight import CheckedRecipe, check_recipe
 from attune.recipe import Recipe
 
@@ -27,14 +27,13 @@ class PreparedData:
     stats: dict
 
 
-def prepare_data(recipe: Recipe, tokenizer_path: str,
-                 checked: CheckedRecipe | None = None) -> PreparedData:
+def prepare_data(recipe: Recipe, checked: CheckedRecipe | None = None) -> PreparedData:
     """Tokenize the recipe's records with Ray Data: those `check_recipe` read, or read (and
-    checked line by line) here."""
+    checked line by line) here. Each task loads the base model's tokenizer on its own node."""
     checked = checked or check_recipe(recipe)
     d = recipe.data
     train_records, eval_records = checked.train_records, checked.eval_records
-    tokenize = dict(fn_kwargs=dict(tokenizer_path=tokenizer_path, chat_template=d.chat_template,
+    tokenize = dict(fn_kwargs=dict(tokenizer_ref=modeling.node_ref(recipe.model.name_or_path), chat_template=d.chat_template,
                                    max_seq_len=d.max_seq_len, packing=d.packing),
                     batch_size=4096)
     train_ds = ray.data.from_items(data.as_items(train_records)).map_batches(data.tokenize_batch, **tokenize)

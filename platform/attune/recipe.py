@@ -94,6 +94,9 @@ class ScalingConfig(StrictConfig):
     cpus_per_worker: float = Field(1, gt=0, description="Logical CPUs Ray reserves per worker.")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="DDP replicates the model; FSDP2 "
                                              "(fully_shard) shards it per decoder layer.")
+    placement: Literal["pack", "spread"] = Field(
+        "pack", description="pack: fill a node before the next (fewer nodes, faster collectives); "
+        "spread: each worker on a different node where the cluster has enough.")
 
 
 class CheckpointConfig(StrictConfig):

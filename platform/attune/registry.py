@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 
 from attune.plots import plot_losses
 from attune.recipe import Recipe
+from attune.store import filesystem
 
 MANIFEST = "attune.json"
 
@@ -107,17 +108,3 @@ def read_manifest(location: str) -> dict:
     fs, path = filesystem(location)
     with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
         return json.loads(f.read())
-
-
-def filesystem(location: str):
-    """(pyarrow filesystem, path) for a local path or a URI. S3 honours AWS_ENDPOINT_URL, so an
-    S3-compatible store (MinIO, a local test server) works like AWS."""
-    if "://" not in location:
-        return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if location.startswith("s3://") and endpoint:
-        scheme, _, host = endpoint.partition("://")
-        fs = pafs.S3FileSystem(endpoint_override=host, scheme=scheme,
-                               region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
-        return fs, location.removeprefix("s3://")
-    return pafs.FileSystem.from_uri(location)

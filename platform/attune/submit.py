@@ -19,13 +19,16 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 import attune
 
+# Settings of this machine that a job must not carry to the cluster's nodes.
+NODE_LOCAL = {"ATTUNE_HOME"}
 # What a job needs beside the code: where the registry and runs go is the recipe's business.
 EXCLUDES = [".venv", ".git", "**/__pycache__", "*.png", "bench/results", "tests/artifacts"]
 
 
 def runtime_env() -> dict:
     package_dir = str(Path(attune.__file__).parent)
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith("ATTUNE_")}
+    env_vars = {k: v for k, v in os.environ.items()
+                if k.startswith("ATTUNE_") and k not in NODE_LOCAL}
     return {"working_dir": ".", "py_modules": [package_dir], "excludes": EXCLUDES,
             "env_vars": env_vars}
 

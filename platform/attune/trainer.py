@@ -48,6 +48,7 @@ def _train_worker(config: dict) -> None:
     """Runs in every Ray Train worker."""
     os.environ.update(config.get("env", {}))
     recipe = Recipe.model_validate(config["recipe"])
+    base_path = modeling.resolve_on_node(config["base_model"])  # this node's copy
     micro = recipe.optim.micro_batch_size
     # [1] each worker reads its own shard of the packed rows
     train_shard = ray.train.get_dataset_shard("train")
@@ -94,7 +95,7 @@ def _train_worker(config: dict) -> None:
         checkpoint_root=scratch,
         device=ray.train.torch.get_device(),  # [4] the device Ray Train assigned this worker
     )
-    train_loop(recipe, config["base_path"], loop)
+    train_loop(recipe, base_path, loop)
 
 
 def _keeping(batches, cache: list | None):
@@ -116,7 +117,7 @@ def _recording(batches, cache: list):
     cache[:] = seen
 
 
-def make_trainer(recipe: Recipe, base_path: str, prepared: PreparedData, *,
+def make_trainer(recipe: Recipe, prepared: PreparedData, *,
                  storage_path: str | None = None, callbacks: list | None = None,
                  start_from=None,
                  stop_at: int | None = None) -> TorchTrainer:
@@ -131,7 +132,9 @@ def make_trainer(recipe: Recipe, base_path: str, prepared: PreparedData, *,
     split = ["train"] if sc.num_workers > 1 else []
     return TorchTrainer(  # [5] the loop in every worker, the datasets sharded across them
         _train_worker,
-        train_loop_config={"recipe": recipe.model_dump(), "base_path": base_path,
+        # the base model by a name every node resolves itself, never the driver's path
+        train_loop_config={"recipe": recipe.model_dump(),
+                           "base_model": modeling.node_ref(recipe.model.name_or_path),
                            "steps_per_epoch": steps_per_epoch(recipe, prepared.rows),
                            # A small shard is read once, then reshuffled in memory: each epoch
                            # through Ray Data costs a round of split coordination.
@@ -144,7 +147,8 @@ def make_trainer(recipe: Recipe, base_path: str, prepared: PreparedData, *,
                            "start_from": start_from, "stop_at": stop_at},
         # [6] how many workers, each with what
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.gpus_per_worker > 0,
-                                     resources_per_worker=_resources(recipe)),
+                                     resources_per_worker=_resources(recipe),
+                                     placement_strategy=sc.placement.upper()),
         run_config=RunConfig(
             # [7] where checkpoints persist; FailureConfig restarts the group from the latest
             name=recipe.name, storage_path=storage_path or storage_uri(recipe.output.runs),
@@ -162,13 +166,13 @@ def fine_tune(recipe: Recipe) -> str:
     base_path = checked.base_path
     ensure_ray()
     check_workers_fit(recipe)
-    prepared = prepare_data(recipe, base_path, checked)
+    prepared = prepare_data(recipe, checked)
     s = prepared.stats
     print(f"[attune] data: {s['train_examples']} examples -> {s['train_rows']} rows of "
           f"{recipe.data.max_seq_len} tokens ({s['fill']:.1%} filled), {s['eval_examples']} for eval",
           flush=True)
     with _ctrl_c_given_back():
-        result = make_trainer(recipe, base_path, prepared).fit()  # [8] run it, restarts included
+        result = make_trainer(recipe, prepared).fit()  # [8] run it, restarts included
     return write_result(recipe, result, base_path, prepared)
 
 

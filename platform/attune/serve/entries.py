@@ -10,6 +10,7 @@ import pyarrow.fs as pafs
 
 from attune import registry
 from attune.config import ConfigError
+from attune.store import filesystem
 from attune.serve.config import BaseModelSpec, ServeConfig
 
 
@@ -85,19 +86,19 @@ def promote_adapter(entry: Entry, config: ServeConfig) -> str:
     """Copy a LoRA entry into the store the running app loads adapters from; returns its id."""
     check_servable(entry, config)
     base = base_for(entry, config)
-    fs, path = registry.filesystem(adapter_uri(config, base, entry.name))
+    fs, path = filesystem(adapter_uri(config, base, entry.name))
     fs.create_dir(path, recursive=True)
-    src_fs, src_path = registry.filesystem(entry.location)
+    src_fs, src_path = filesystem(entry.location)
     pafs.copy_files(src_path, path, source_filesystem=src_fs, destination_filesystem=fs)
     return f"{base.id}:{entry.name}"
 
 
 def _list(location: str) -> list[str]:
-    fs, path = registry.filesystem(location)
+    fs, path = filesystem(location)
     return [info.base_name for info in fs.get_file_info(pafs.FileSelector(path))]
 
 
 def _read(location: str, name: str) -> str:
-    fs, path = registry.filesystem(location)
+    fs, path = filesystem(location)
     with fs.open_input_stream(f"{path}/{name}") as f:
         return f.read().decode()

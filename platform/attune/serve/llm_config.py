@@ -15,7 +15,7 @@ from attune.cluster import HA_PROXY_ENV
 from attune.serve.adapters import ADAPTERS_DIR, is_directory
 from attune.serve.config import BaseModelSpec, ServeConfig
 from attune.serve.entries import check_servable, promote_adapter, read_entry
-from attune.serve.node_init import SkipDownloadForLocalModels
+from attune.serve.node_model import ResolveModelOnNode
 from attune.serve.vllm_plugin import CPU_EXECUTOR_ENV, POLL_SLEEP_ENV
 
 # Ray Serve settings each replica reads from its environment, so the runtime_env of both
@@ -42,7 +42,8 @@ CPU_POLL_SLEEP_US = 20
 
 def llm_configs(config: ServeConfig) -> list[LLMConfig]:
     """One vLLM deployment per base model and per full fine-tune; adapters ride on their base."""
-    configs = [llm_config(spec.id, modeling.resolve(spec.name_or_path), config,
+    # each replica resolves the base model on its own node (attune.serve.node_model)
+    configs = [llm_config(spec.id, modeling.node_ref(spec.name_or_path), config,
                           lora=bool(config.lora_store))
                for spec in config.base_models]
     for location in config.entries:
@@ -89,7 +90,7 @@ def llm_config(model_id: str, source: str, config: ServeConfig, lora: bool) -> L
         engine_kwargs=engine_kwargs,
         log_engine_metrics=_ray_metrics(config),
         experimental_configs=experimental,
-        callback_config={"callback_class": SkipDownloadForLocalModels},
+        callback_config={"callback_class": ResolveModelOnNode},
         deployment_config={
             "autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                                    "target_ongoing_requests": a.target_ongoing_requests},

@@ -68,7 +68,6 @@ def run_search(search: SearchConfig, recipe_raw: dict, callbacks: list | None = 
     """Run (or resume) the experiment; `callbacks` are Ray Tune callbacks, kept on restore."""
     recipe = Recipe.model_validate(recipe_raw)
     checked = check_recipe(recipe)  # before Ray starts: bad input fails in seconds
-    base_path = checked.base_path
     ensure_ray()
     concurrency = trial_slots(search, recipe)  # the budget against the cluster's totals
     check_workers_fit(recipe, also=[TRIAL_DRIVER], what=f"one trial: its driver and "
@@ -77,8 +76,8 @@ def run_search(search: SearchConfig, recipe_raw: dict, callbacks: list | None = 
     experiment_path = f"{storage.rstrip('/')}/{search.name}"
     resuming = _can_resume(search, recipe_raw, experiment_path)
     # One tokenized copy for every trial, unless the space changes the data itself.
-    prepared = None if any(k.startswith("data.") for k in search.space) else prepare_data(recipe, base_path, checked)
-    trainable = _trainable(search, recipe, recipe_raw, base_path, prepared,
+    prepared = None if any(k.startswith("data.") for k in search.space) else prepare_data(recipe, checked)
+    trainable = _trainable(search, recipe, recipe_raw, prepared,
                            f"{experiment_path}/train-runs")
     if resuming:
         print(f"[attune] resuming experiment {experiment_path}", flush=True)
@@ -104,7 +103,8 @@ def run_search(search: SearchConfig, recipe_raw: dict, callbacks: list | None = 
     entry = None
     if best is not None:
         result = next(r for r in grid if r.metrics.get("trial_id") == best.trial)
-        entry = _write_best(search, recipe_raw, best, result, base_path, prepared, storage, len(rows))
+        entry = _write_best(search, recipe_raw, best, result, checked.base_path, prepared, storage,
+                            len(rows))
     return SearchOutcome(experiment_path, rows, best, entry, interrupted=False,
                          table=format_table(rows, search.metric, best))
 
@@ -145,10 +145,9 @@ def _interrupted(grid, search: SearchConfig, elapsed_s: float) -> bool:
     return ended < len(grid) or len(grid) < search.num_trials()
 
 
-def _trainable(search: SearchConfig, recipe: Recipe, recipe_raw: dict, base_path: str, prepared,
+def _trainable(search: SearchConfig, recipe: Recipe, recipe_raw: dict, prepared,
                train_storage: str):
-    common = dict(recipe_raw=recipe_raw, base_path=base_path, prepared=prepared,
-                  train_storage=train_storage)
+    common = dict(recipe_raw=recipe_raw, prepared=prepared, train_storage=train_storage)
     if search.scheduler.type == "pbt":
         trainable = tune.with_parameters(run_trial_in_stretches, **common,
                                          interval=pbt_interval(search, recipe))
@@ -278,7 +277,7 @@ def _write_best(search, recipe_raw, best: TrialRow, result, base_path, prepared,
     recipe = trial_recipe(recipe_raw, best.params, name=search.name)
     recipe.output.name = search.name  # never overwrite the recipe's own entry
     if prepared is None:
-        prepared = prepare_data(recipe, base_path)
+        prepared = prepare_data(recipe)
     # Train reports checkpoint paths inside its storage's filesystem (no scheme for s3:// etc.).
     filesystem = pafs.FileSystem.from_uri(storage)[0] if "://" in storage else None
     checkpoint = ray.train.Checkpoint(best.checkpoint, filesystem=filesystem)

@@ -28,30 +28,30 @@ from attune.tune.config import trial_recipe
 from attune.tune.results import CHECKPOINT_PATH
 
 
-def run_trial(config: dict, *, recipe_raw: dict, base_path: str, prepared, train_storage: str) -> None:
+def run_trial(config: dict, *, recipe_raw: dict, prepared, train_storage: str) -> None:
     """`config` maps dotted recipe keys to this trial's values."""
     recipe = trial_recipe(recipe_raw, config, name=ray.tune.get_context().get_trial_id())
     if prepared is None:  # the space changes the data itself, so each trial tokenizes its own
-        prepared = prepare_data(recipe, base_path)
-    trainer = make_trainer(recipe, base_path, prepared, storage_path=train_storage,
+        prepared = prepare_data(recipe)
+    trainer = make_trainer(recipe, prepared, storage_path=train_storage,
                            callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
-def run_trial_in_stretches(config: dict, *, recipe_raw: dict, base_path: str, prepared,
+def run_trial_in_stretches(config: dict, *, recipe_raw: dict, prepared,
                            train_storage: str, interval: int) -> None:
     """PBT's trial: a Train run per `interval` steps, each ending in a checkpoint for Tune."""
     trial = ray.tune.get_context().get_trial_id()
     recipe = trial_recipe(recipe_raw, config, name=trial)
     if prepared is None:
-        prepared = prepare_data(recipe, base_path)
+        prepared = prepare_data(recipe)
     start = ray.tune.get_checkpoint()  # this trial's last stretch, or the trial PBT cloned
     step = _step_of(start)
     while step < recipe.optim.max_steps:
         stop_at = min(recipe.optim.max_steps, (step // interval + 1) * interval)
         # A fresh run name: a run of an earlier name would resume from its own checkpoints.
         recipe.name = f"{trial}-{stop_at:06d}-{uuid.uuid4().hex[:6]}"
-        result = make_trainer(recipe, base_path, prepared, storage_path=train_storage,
+        result = make_trainer(recipe, prepared, storage_path=train_storage,
                               start_from=start, stop_at=stop_at).fit()
         step = stop_at
         # The next stretch starts from it; reported, Tune copies it into the trial for PBT to clone.
