@@ -149,7 +149,7 @@ def deletion_rule_errors(spec: dict) -> list[str]:
         return []
     errors, ttls = [], {}
     if spec.get("shutdownAfterJobFinishes"):
-        errors.append("deletionRules: exclude shutdownAfterJobFinishes (and so ttlSecondsAfterFinished)")
+        errors.append("deletionRules: exclude shutdownAfterJobFinishes (so ttlSecondsAfterFinished)")
     for i, rule in enumerate(rules):
         condition = rule["condition"]
         keys = [k for k in ("jobStatus", "jobDeploymentStatus") if k in condition]
@@ -487,6 +487,56 @@ def test_every_ray_pod_runs_as_the_attune_service_account(overlay):
     assert "eks.amazonaws.com/role-arn" in text and "iam.gke.io/gcp-service-account" in text
 
 
+def per_pod_paths(doc: dict, env: dict) -> list[str]:
+    """Absolute paths that a RayJob's entrypoint or a RayService's app args hand to Ray and
+    that are not on a volume every Ray pod of the cluster mounts from the same source (a claim, a
+    Secret): an emptyDir (ATTUNE_HOME in the gpu overlay), the pod's own files, a home directory."""
+    cluster = doc["spec"].get("rayClusterSpec") or doc["spec"]["rayClusterConfig"]
+    shared = None
+    for _, pod in pod_specs(cluster):
+        volumes = {v["name"]: {k: x for k, x in v.items() if k != "name"} for v in pod["volumes"]}
+        mounts = {m["mountPath"]: repr(volumes[m["name"]])
+                  for m in pod["containers"][0].get("volumeMounts", [])
+                  if "emptyDir" not in volumes[m["name"]]}
+        shared = mounts if shared is None else {
+            path: source for path, source in shared.items() if mounts.get(path) == source}
+    if doc["kind"] == "RayJob":
+        text = doc["spec"]["entrypoint"]
+        for name, value in env.items():
+            text = text.replace(f"${{{name}:?}}", value)
+        words = [word.split("=", 1)[-1] for word in shlex.split(text)]
+    else:
+        config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+        words = list(_strings([app.get("args", {}) for app in config["applications"]]))
+    return [w for w in words if w.startswith(("/", "~")) and not any(
+        w == mount or w.startswith(mount.rstrip("/") + "/") for mount in shared)]
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_no_pod_is_handed_a_path_only_another_pod_has(overlay):
+    """The driver or Serve's app builder runs on the head; tasks, train workers and replicas run
+    elsewhere. A path they are given must be on a volume they all mount (URIs, names are fine)."""
+    name, docs = overlay
+    env = of_kind(docs, "ConfigMap")[0]["data"]
+    for doc, _ in clusters(docs):
+        assert per_pod_paths(doc, env) == [], f"{name}: {doc['metadata']['name']}"
+    # and it sees one: an entry under ATTUNE_HOME, which is per-pod scratch in the gpu overlay
+    (service,) = copy.deepcopy(of_kind(docs, "RayService"))
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    config["applications"][0]["args"]["entries"] = [f"{env['ATTUNE_HOME']}/registry/x"]
+    service["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+    assert bool(per_pod_paths(service, env)) == (name == "gpu")
+
+
 def test_served_entries_are_on_the_model_store(overlay):
     name, docs = overlay
     root = of_kind(docs, "ConfigMap")[0]["data"]["ATTUNE_STORE"]
@@ -545,7 +595,8 @@ def test_incremental_upgrade_component_on_the_gpu_overlay(tmp_path, validators):
     here = lambda path: os.path.relpath(REPO / "k8s" / path, overlay)  # kustomize: relative only
     (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [here("overlays/gpu")], "components": [here("components/incremental-upgrade")]}))
+        "resources": [here("overlays/gpu")],
+        "components": [here("components/incremental-upgrade")]}))
     docs = [d for d in yaml.safe_load_all(k8s.build(tmp_path, "gpu-incremental")) if d]
     (service,) = of_kind(docs, "RayService")
     assert schema_errors(service, validators) == [] and operator_errors(service) == []
@@ -554,7 +605,8 @@ def test_incremental_upgrade_component_on_the_gpu_overlay(tmp_path, validators):
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     (llm,) = [a for a in config["applications"] if a["name"] == "llm"]
     surge = strategy["clusterUpgradeOptions"]["maxSurgePercent"]
-    assert get_capacity_adjusted_num_replicas(llm["args"]["autoscaling"]["max_replicas"], surge) == 1
+    replicas = llm["args"]["autoscaling"]["max_replicas"]
+    assert get_capacity_adjusted_num_replicas(replicas, surge) == 1
 
 
 def test_service_upgrades_are_blue_green_unless_the_component_says_otherwise(overlay):
