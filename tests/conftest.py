@@ -24,6 +24,7 @@ import boto3
 import pytest
 import ray
 from leftovers import left_behind, mark_session
+from multinode import start_cluster
 from moto.server import ThreadedMotoServer
 from ray import serve
 
@@ -37,6 +38,23 @@ from attune.trainer import fine_tune
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
 SESSION_MARKER = pytest.StashKey[str]()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--image", action="store_true",
+                     help="also build the cpu image with podman and run the tests marked image "
+                          "inside it (minutes; tests/test_image.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked image need --image: deselected without it, not skipped (they are not
+    missing a machine's hardware, only the time for a build)."""
+    if config.getoption("--image"):
+        return
+    deselected = [item for item in items if item.get_closest_marker("image")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("image")]
 
 
 def pytest_sessionstart(session):
@@ -219,6 +237,24 @@ def ray_head(attune_home):
     with ray_start_head(RAY_AUTH_MODE="token", RAY_SERVE_ENABLE_HA_PROXY="1",
                         RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="2") as head:
         yield head.dashboard
+
+
+@pytest.fixture(scope="session")
+def multinode(object_store, ray_auth_token):
+    """A head with no CPUs and two worker nodes with private disks (tests/multinode.py), set up
+    as the RayService's pods are (Serve's HAProxy); the S3 store's endpoint in every node's
+    environment, as the pods' envFrom gives it."""
+    root = Path(tempfile.mkdtemp(prefix="attune-", dir="/var/tmp"))
+    store_env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                            "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    cluster = start_cluster(root, ray_auth_token.read_text(), store_env,
+                            RAY_SERVE_ENABLE_HA_PROXY="1",
+                            RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="2")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass

@@ -15,7 +15,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from attune.modeling import load_tokenizer
+from attune.modeling import load_tokenizer, resolve
+from attune.registry import MANIFEST
 
 
 def load_for_generation(location: str):
@@ -23,12 +24,20 @@ def load_for_generation(location: str):
     path = Path(location).expanduser()
     tokenizer = load_tokenizer(str(path))
     if (path / "adapter_config.json").exists():
-        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = _base_model(path)
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(path))
         model = model.merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path))
     return model.eval(), tokenizer
+
+
+def _base_model(adapter: Path) -> str:
+    """The adapter's base model on this machine: the entry's manifest names it, and the name is
+    resolved here (the adapter config holds the path it had where it was trained)."""
+    if (adapter / MANIFEST).exists():
+        return resolve(json.loads((adapter / MANIFEST).read_text())["base_model"])
+    return json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
 @torch.no_grad()

@@ -65,6 +65,11 @@ def wait_for_nodes(bundles: list[dict[str, float]], what: str, key: str, timeout
     print("[attune] the autoscaler added the nodes", flush=True)
 
 
+def working_nodes() -> int:
+    """How many alive nodes can run work (a head started with no CPUs or GPUs cannot)."""
+    return sum(1 for n in _alive_nodes() if n.get("CPU", 0) or n.get("GPU", 0))
+
+
 def _alive_nodes() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n["Alive"]]
 

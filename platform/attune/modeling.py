@@ -101,6 +101,7 @@ def copied_from_store(uri: str) -> Path:
                 raise ConfigError(f"model.name_or_path: {uri}: no model there (no config.json)")
             partial = out.with_name(out.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
             pafs.copy_files(path, str(partial), source_filesystem=fs)
             partial.rename(out)
     return out

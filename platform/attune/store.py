@@ -25,3 +25,13 @@ def filesystem(location: str):
                                region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
         return fs, location.removeprefix("s3://")
     return pafs.FileSystem.from_uri(location)
+
+
+def say_if_maybe_node_local(locations: dict[str, str], nodes: int) -> None:
+    """On a cluster of several nodes, a local path must be a directory every node mounts at that
+    path; attune cannot tell one from a node's own disk, so it says what it assumes."""
+    local = {key: value for key, value in locations.items() if "://" not in value}
+    if nodes > 1 and local:
+        names = ", ".join(f"{key}={value}" for key, value in local.items())
+        print(f"[attune] {names}: local paths on a cluster of {nodes} nodes, so every node must "
+              "mount them at the same path (else use an s3:// or gs:// URI)", flush=True)

@@ -26,13 +26,14 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from attune import data, modeling, registry
-from attune.capacity import check_fits
+from attune.capacity import check_fits, working_nodes
 from attune.cluster import ensure_ray
 from attune.config import ConfigError
 from attune.loop import HISTORY_FILE, MODEL_DIR, Loop, train_loop
 from attune.preflight import check_recipe
 from attune.prepare import PreparedData, prepare_data
 from attune.recipe import Recipe
+from attune.store import say_if_maybe_node_local
 
 
 def steps_per_epoch(recipe: Recipe, rows: int) -> int:
@@ -166,6 +167,8 @@ def fine_tune(recipe: Recipe) -> str:
     base_path = checked.base_path
     ensure_ray()
     check_workers_fit(recipe)
+    say_if_maybe_node_local({"output.runs": recipe.output.runs,
+                             "output.registry": recipe.output.registry}, working_nodes())
     prepared = prepare_data(recipe, checked)
     s = prepared.stats
     print(f"[attune] data: {s['train_examples']} examples -> {s['train_rows']} rows of "

@@ -37,11 +37,13 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.util import placement_group_table, remove_placement_group
 from ray.util.placement_group import PlacementGroup
 
+from attune.capacity import working_nodes
 from attune.cluster import ensure_ray
 from attune.config import ConfigError
 from attune.preflight import check_recipe
 from attune.prepare import prepare_data
 from attune.recipe import Recipe
+from attune.store import say_if_maybe_node_local
 from attune.trainer import check_workers_fit, storage_uri, write_result
 from attune.tune.config import SearchConfig, pbt_interval, trial_recipe
 from attune.tune.results import TrialRow, best_row, format_table, trial_rows, write_results
@@ -69,6 +71,8 @@ def run_search(search: SearchConfig, recipe_raw: dict, callbacks: list | None = 
     recipe = Recipe.model_validate(recipe_raw)
     checked = check_recipe(recipe)  # before Ray starts: bad input fails in seconds
     ensure_ray()
+    say_if_maybe_node_local({"output.runs": recipe.output.runs,
+                             "output.registry": recipe.output.registry}, working_nodes())
     concurrency = trial_slots(search, recipe)  # the budget against the cluster's totals
     check_workers_fit(recipe, also=[TRIAL_DRIVER], what=f"one trial: its driver and "
                       f"{recipe.scaling.num_workers} Train workers")  # and against its nodes
