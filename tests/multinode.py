@@ -11,7 +11,9 @@
 - the store every node sees, the two ways the overlays provide one: a directory at the same path
   on every node (the cpu overlay's volume) and an S3 bucket (the gpu overlay's), here moto's server.
 
-All on loopback. Every process of a node lives in its mount namespace, which is how `kill_node`
+Clients and servers of the tests use loopback; Ray itself advertises its nodes at the machine's
+own address (it resolves a loopback --node-ip-address to that, by design), so its traffic stays
+on this machine. Every process of a node lives in its mount namespace, which is how `kill_node`
 finds them all (its raylet, workers, engines) and how the teardown leaves nothing behind.
 """
 
@@ -178,6 +180,8 @@ class LocalCluster:
             command += ["--filter", f"{key}={value}"]
         out = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
+        if out.stdout.startswith("No resource"):  # what it prints instead of an empty list
+            return []
         return json.loads(out.stdout)
 
     def node_names(self) -> dict[str, str]:
@@ -276,9 +280,13 @@ def _wait_for_dashboard(address: str, head: subprocess.Popen, log: Path) -> None
 def main() -> None:
     import secrets
 
-    root = Path(tempfile.mkdtemp(prefix="attune-cluster-", dir="/var/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="attune-", dir="/var/tmp"))
     token = secrets.token_hex(32)
-    cluster = start_cluster(root, token, {})
+    try:
+        cluster = start_cluster(root, token, {})
+    except BaseException:
+        subprocess.run(["rm", "-rf", str(root)])
+        raise
     print(f"""A head (no CPUs) and {len(cluster.nodes)} worker nodes with private disks, under {root}.
 Use it from this machine (the head's):
   export RAY_ADDRESS={cluster.gcs} RAY_AUTH_MODE=token RAY_AUTH_TOKEN={token}
@@ -286,6 +294,8 @@ Use it from this machine (the head's):
   ray job submit --address {cluster.dashboard} --working-dir . -- attune train recipes/tiny-lora.yaml \\
       output.registry={cluster.shared}/registry output.runs={cluster.shared}/runs
 {cluster.shared} is the directory every node sees. Ctrl-C stops the cluster.""", flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or `kill`: stop the nodes first
+        signal.signal(sig, signal.default_int_handler)
     try:
         signal.pause()
     except KeyboardInterrupt:

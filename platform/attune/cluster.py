@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import ray
 import ray.data
+from ray.util.debug import log_once
 
 from attune import console
 
@@ -36,6 +37,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     # Ray Data's progress bars flood the logs of a job whose datasets are tiny.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     ray.data.DataContext.get_current().enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")  # Ray Data's warning that they are: on purpose
     if ray.is_initialized():
         return
     console.quiet()
