@@ -13,9 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +21,7 @@ import boto3
 import pytest
 import ray
 from leftovers import left_behind, mark_session
-from multinode import start_cluster
+from multinode import start_cluster, wait_for_dashboard
 from moto.server import ThreadedMotoServer
 from ray import serve
 
@@ -193,22 +190,14 @@ def ray_start_head(**env_vars: str):
          *ports],
         env=env, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while True:
+    try:
+        wait_for_dashboard(address, proc, log)
+    except RuntimeError:
         try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:  # 401 under token auth: it is up
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:  # it died before its cluster came up: nothing left
-                    pass
-                raise RuntimeError(f"ray start --head did not come up; its output:\n"
-                                   f"{log.read_text()[-4000:]}")
-            time.sleep(1)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it died before its cluster came up: nothing left
+            pass
+        raise
     try:
         yield RayHead(f"127.0.0.1:{gcs}", address, temp_dir)
     finally:

@@ -254,7 +254,7 @@ def start_cluster(root: Path, token: str, store_env: dict[str, str], workers: in
     cluster = LocalCluster(root, {**common, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, f"127.0.0.1:{gcs}",
                            dashboard, head, _ports=ports, _node_env=common)
     try:
-        _wait_for_dashboard(dashboard, head, head_log)
+        wait_for_dashboard(dashboard, head, head_log)
         for i in range(workers):
             cluster.start_node(f"worker-{i + 1}")
     except BaseException:
@@ -263,7 +263,8 @@ def start_cluster(root: Path, token: str, store_env: dict[str, str], workers: in
     return cluster
 
 
-def _wait_for_dashboard(address: str, head: subprocess.Popen, log: Path) -> None:
+def wait_for_dashboard(address: str, head: subprocess.Popen, log: Path) -> None:
+    """Until the head's dashboard answers (`ray job submit` and `serve deploy` talk to it)."""
     deadline = time.time() + 120
     while True:
         try:

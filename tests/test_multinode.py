@@ -64,14 +64,20 @@ def nodes_that_ran(cluster, class_prefix: str, **filters: str) -> list[str]:
             if a["class_name"].startswith(class_prefix)]
 
 
+def finetune_job(cluster, jobs, stores, overlay: str, overrides: str) -> tuple[str, str]:
+    """The overlay's fine-tune RayJob, quick, with its store: (its entry, its logs)."""
+    entrypoint = jobs[overlay]["attune-finetune"]["spec"]["entrypoint"] + QUICK + overrides
+    logs = cluster.submit(entrypoint, ATTUNE_STORE=stores[overlay])
+    entry = f"{stores[overlay]}/registry/tiny-full"
+    assert f"registry entry: {entry}" in logs
+    assert logs.count("[attune] step 10/10 |") == 1, logs[-3000:]  # each progress line once
+    return entry, logs
+
+
 @pytest.fixture(scope="module")
 def cpu_entry(multinode, jobs, stores) -> str:
     """The cpu overlay's fine-tune RayJob, with FSDP across both worker nodes."""
-    entrypoint = jobs["cpu"]["attune-finetune"]["spec"]["entrypoint"] + QUICK + " scaling.strategy=fsdp"
-    logs = multinode.submit(entrypoint, ATTUNE_STORE=stores["cpu"])
-    entry = f"{stores['cpu']}/registry/tiny-full"
-    assert f"registry entry: {entry}" in logs
-    assert logs.count("[attune] step 10/10 |") == 1, logs[-3000:]  # each progress line once
+    entry, logs = finetune_job(multinode, jobs, stores, "cpu", " scaling.strategy=fsdp")
     # on 2 worker nodes, the local paths must be a shared directory: said, not guessed
     assert "local paths on a cluster of 2 nodes, so every node must mount them" in logs
     return entry
@@ -90,10 +96,7 @@ def test_finetune_job_trains_on_both_worker_nodes_and_leaves_its_entry_on_the_st
 @pytest.fixture(scope="module")
 def gpu_entry(multinode, jobs, stores) -> str:
     """The gpu overlay's fine-tune RayJob on CPUs (DDP), its checkpoints and entry in S3."""
-    entrypoint = jobs["gpu"]["attune-finetune"]["spec"]["entrypoint"] + QUICK + " scaling.gpus_per_worker=0"
-    logs = multinode.submit(entrypoint, ATTUNE_STORE=stores["gpu"])
-    entry = f"{stores['gpu']}/registry/tiny-full"
-    assert f"registry entry: {entry}" in logs
+    entry, logs = finetune_job(multinode, jobs, stores, "gpu", " scaling.gpus_per_worker=0")
     assert "local paths on a cluster" not in logs
     return entry
 
@@ -202,7 +205,7 @@ def ask(port: int, model: str, question: str, timeout_s: float = 600) -> str:
 
 
 def test_cpu_overlay_serves_from_worker_nodes_through_the_head_and_survives_a_lost_node(
-        multinode, stores, cpu_entry, lora_entry, tmp_path):
+        multinode, stores, cpu_entry, lora_entry, tmp_path, artifacts):
     port = free_port()
     config = serve_config("cpu", port, stores["cpu"], multinode.shared, entries=[cpu_entry],
                           lora_store=f"{stores['cpu']}/lora")
@@ -230,7 +233,9 @@ def test_cpu_overlay_serves_from_worker_nodes_through_the_head_and_survives_a_lo
         ask(port, "tiny-full", question, timeout_s=REPLICA_BACK_WITHIN_S)
         back = nodes_that_ran(multinode, "ServeReplica:llm:LLMServer:tiny-full", state="ALIVE")
         assert back and replica_node.name not in back, back
-        print(f"tiny-full answered again {time.time() - lost_at:.0f} s after its node was lost")
+        (artifacts / "multinode-serving-node-loss.json").write_text(json.dumps(
+            {"answered_again_after_s": round(time.time() - lost_at, 1), "lost": replica_node.name,
+             "replica_now_on": back}) + "\n")
     finally:
         shutdown(multinode)
     multinode.start_node(replica_node.name)
