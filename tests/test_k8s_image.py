@@ -3,15 +3,18 @@ carries no secrets.
 
     pytest tests/test_k8s_image.py
 
-No container engine here, so the build itself is not run; these checks read the Dockerfile the
-way the builder would (instructions, continuation lines) and hold it to the project's files.
+These checks read the Dockerfile the way the builder would (instructions, continuation lines)
+and hold it to the project's files; tests/test_image.py builds it and runs inside it (--image).
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -54,20 +57,37 @@ def install_branches() -> dict[str, str]:
 
 
 def test_base_image_python_satisfies_requires_python():
-    (base,) = of("FROM")
+    (base_arg,) = of("FROM")
+    assert base_arg == "${BASE_IMAGE}"  # users and this machine's build (tests/podman_image.py) pick it
+    (base,) = [a.split("=", 1)[1] for a in of("ARG") if a.startswith("BASE_IMAGE=")]
     major, minor = map(int, re.match(r"python:(\d+)\.(\d+)", base).groups())
     low, high = re.match(r">=(\d+\.\d+),<(\d+\.\d+)", PROJECT["requires-python"]).groups()
     assert tuple(map(int, low.split("."))) <= (major, minor) < tuple(map(int, high.split(".")))
 
 
 def test_installs_the_project_with_each_vllm_extra(install_branches):
+    """Its dependencies and the extra's as pyproject.toml lists them, first; then the project."""
     extras = set(PROJECT["optional-dependencies"]) - {"dev"}
     assert set(install_branches) - {"*"} == extras == {"cpu", "gpu"}
+    (run,) = [r for r in of("RUN") if '"$EXTRA"' in r]
+    listing = re.search(r"python -c '(.*?)'", run).group(1)
     for extra in extras:
+        listed = subprocess.run([sys.executable, "-c", listing, extra], cwd=REPO, check=True,
+                                capture_output=True, text=True).stdout.splitlines()
+        assert listed == PROJECT["dependencies"] + PROJECT["optional-dependencies"][extra]
         words = list(shlex.shlex(install_branches[extra], posix=True, punctuation_chars=True))
-        assert f".[{extra}]" in words, f"{extra}: does not install the project's [{extra}] extra"
+        assert "/tmp/requirements.txt" in words, f"{extra}: does not install the listed pins"
+    assert "pip install --no-deps ." in "\n".join(of("RUN"))
     (default,) = [a for a in of("ARG") if a.startswith("EXTRA=")]
     assert default.split("=")[1] in extras
+
+
+def test_dependencies_install_before_the_source_is_copied():
+    """So that a change to the source reuses the dependencies' layer."""
+    steps = instructions()
+    install = next(i for i, (word, args) in enumerate(steps) if '"$EXTRA"' in args)
+    copied_before = [args for word, args in steps[:install] if word == "COPY"]
+    assert copied_before == ["pyproject.toml ./"]
 
 
 def test_every_version_named_in_the_dockerfile_is_pyprojects_pin():
@@ -84,13 +104,22 @@ def test_removes_what_make_setup_removes(install_branches):
     assert set(image_removes.split()) == set(make_removes.split())
 
 
+def dockerignored() -> list[str]:
+    return [line for line in (REPO / ".dockerignore").read_text().split()
+            if not line.startswith("#")]
+
+
 def test_copies_what_exists_and_what_jobs_read():
     copied = set()
     for args in of("COPY"):
         *sources, _ = args.split()
         for source in sources:
             assert (REPO / source).exists(), f"COPY {source}: not in the repository"
-            copied.add(source.rstrip("/"))
+            if source == ".":  # the build context: what .dockerignore lets through
+                copied |= {path.name for path in REPO.iterdir()
+                           if not any(fnmatch(path.name, pattern) for pattern in dockerignored())}
+            else:
+                copied.add(source.rstrip("/"))
     # the job entrypoints name recipes/ and tuning/; recipes read data/
     assert {"pyproject.toml", "platform", "recipes", "tuning", "data", "deployments"} <= copied
 
@@ -116,6 +145,6 @@ def test_no_secrets_in_the_image():
         for args in of(word):
             for name in re.findall(r"(?:^|\s)([A-Za-z_]\w*)=", args) or [args.split("=")[0]]:
                 assert not secretish.search(name), f"{word} {name}: secrets come from Kubernetes"
-    ignored = (REPO / ".dockerignore").read_text().split()
+    ignored = dockerignored()
     for pattern in (".git", ".venv", ".env", "**/*.env", "**/api-keys*", ".aws"):
         assert pattern in ignored, f".dockerignore: add {pattern}"
