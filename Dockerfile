@@ -18,10 +18,12 @@ ARG EXTRA=cpu
 ARG TORCH_SOURCE="--extra-index-url https://download.pytorch.org/whl/cpu"
 
 # wget: KubeRay's default health probes call it. ca-certificates: pyarrow's s3:// and gs://
-# clients verify against the system's store. Debian's python3, where the base has none.
+# clients verify against the system's store. g++: torch.compile builds C++ kernels when vLLM's
+# CPU backend starts an engine (Triton builds its launcher with gcc on GPU), against Python's
+# headers. libnuma1: vLLM's CPU kernels link it. Debian's python3, where the base has none.
 RUN set -eux; \
-    packages="wget ca-certificates"; \
-    command -v python3 || packages="$packages python3 python3-venv"; \
+    packages="wget ca-certificates g++ libnuma1"; \
+    command -v python3 || packages="$packages python3 python3-venv python3-dev"; \
     apt-get update; \
     apt-get install -y --no-install-recommends $packages; \
     rm -rf /var/lib/apt/lists/*
@@ -60,6 +62,9 @@ COPY . .
 RUN pip install --no-deps . && rm -rf build platform/*.egg-info
 
 USER 1000:1000
+# GKE mounts the node's NVIDIA libraries (libcuda, libnvidia-ml) here and leaves finding them to
+# the image; on CPU the directory is absent and this does nothing.
 ENV HOME=/home/ray \
-    ATTUNE_HOME=/home/ray/.attune
+    ATTUNE_HOME=/home/ray/.attune \
+    LD_LIBRARY_PATH=/usr/local/nvidia/lib64
 CMD ["attune", "--help"]

@@ -124,6 +124,15 @@ def test_copies_what_exists_and_what_jobs_read():
     assert {"pyproject.toml", "platform", "recipes", "tuning", "data", "deployments"} <= copied
 
 
+def test_has_what_vllm_needs_at_run_time():
+    """A C++ compiler (torch.compile on CPU, Triton on GPU) and libnuma (vLLM's CPU kernels);
+    the path where GKE mounts NVIDIA's libraries. tests/test_image.py runs them (--image)."""
+    (apt,) = [r for r in of("RUN") if "apt-get install" in r]
+    assert {"g++", "libnuma1"} <= set(re.search(r'packages="([^"]*)"', apt)[1].split())
+    env = " ".join(of("ENV"))
+    assert "/usr/local/nvidia/lib64" in re.search(r"LD_LIBRARY_PATH=(\S+)", env)[1].split(":")
+
+
 def test_workdir_is_the_jobs_working_dir():
     (workdir,) = of("WORKDIR")
     for path in (REPO / "k8s" / "base").glob("ray-job.*.yaml"):
