@@ -30,6 +30,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# The cpu image, built here with podman from a local Debian base (docs/image.md); then the
+# smoke tests inside it. Not part of `make test`: a cold build takes many minutes.
+.PHONY: image test-image
+image:
+	python3 tests/podman_image.py build
+
+test-image: image $(STAMP)
+	$(PY) -m pytest --image tests/test_image.py $(PYTEST_ARGS)
+
 bench-train: $(STAMP)
 	$(PY) bench/train.py
 
