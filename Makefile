@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 TORCH_SOURCE := $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*.whl),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench-train data clean
+.PHONY: setup demo test test-fast cluster bench-train data clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,11 @@ image:
 
 test-image: image $(STAMP)
 	$(PY) -m pytest --image tests/test_image.py $(PYTEST_ARGS)
+
+# A head with no CPUs and two worker nodes with private disks, on this machine (root: it
+# uses mount namespaces); prints how to use it, Ctrl-C stops it (tests/multinode.py).
+cluster: $(STAMP)
+	$(PY) tests/multinode.py
 
 bench-train: $(STAMP)
 	$(PY) bench/train.py
