@@ -4,11 +4,13 @@
     python tests/podman_image.py run attune --help  # a command inside the built image
 
 No image registry is reachable here and `podman run` cannot set rlimits, so: the base is
-Debian's minbase from debootstrap, imported once; podman keeps its storage (vfs) under
-$ATTUNE_IMAGE_DIR, default /var/tmp/attune-image; and a command runs in the image's root by
-chroot, as a container runtime would run it: the image's user, environment and working
-directory, an overlay that keeps its writes from the image, and namespaces of its own (mounts,
-processes, a network with loopback only). Its processes end with it, its mounts with them.
+Debian's minbase from debootstrap, imported once; podman keeps its storage under
+$ATTUNE_IMAGE_DIR, default /var/tmp/attune-image, with the driver $ATTUNE_IMAGE_DRIVER (vfs;
+overlay rebuilds after a source change in seconds, not minutes); and a command runs in the
+image's root by chroot, as a container runtime would run it: the image's user, environment and
+working directory, an overlay that keeps its writes from the image, and namespaces of its own
+(mounts, processes, a network with loopback only). Its processes end with it, its mounts with
+them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HOME = Path(os.environ.get("ATTUNE_IMAGE_DIR", "/var/tmp/attune-image"))
+# podman's storage driver: vfs (every layer a full copy of the tree) or overlay
+DRIVER = os.environ.get("ATTUNE_IMAGE_DRIVER", "vfs")
 BASE = "localhost/debian:bookworm"
 # torch==2.13.0+cpu is not on PyPI; this machine has it in a folder of wheels (as `make setup`).
 WHEELS = Path("/opt/wheels")
@@ -40,13 +44,13 @@ def tag(extra: str = "cpu") -> str:
 
 
 def podman(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    # vfs: no overlay driver for podman here. podman's default ulimits are refused here.
+    # podman's default ulimits are refused here.
     conf = HOME / "containers.conf"
     if not conf.exists():
         HOME.mkdir(parents=True, exist_ok=True)
         conf.write_text("[containers]\ndefault_ulimits = []\n")
     command = ["podman", "--root", str(HOME / "storage"), "--runroot", str(HOME / "run"),
-               "--storage-driver", "vfs", *args]
+               "--storage-driver", DRIVER, *args]
     kwargs.setdefault("check", True)
     return subprocess.run(command, env={**os.environ, "CONTAINERS_CONF": str(conf)}, **kwargs)
 
@@ -76,7 +80,7 @@ def build(extra: str = "cpu") -> str:
     with build_mounts() as mounts:
         podman("build", "--isolation", "chroot", "--network", "host", *args, *mounts,
                "-t", image, str(REPO))
-    # the image this one replaced, whole (vfs keeps each layer as a full copy of the tree)
+    # the image this one replaced (with vfs, each of its layers is a full copy of the tree)
     podman("image", "prune", "-f", stdout=subprocess.DEVNULL)
     return image
 

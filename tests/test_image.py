@@ -75,7 +75,8 @@ def test_attune_help(box):
 def test_torch_compile_builds_its_kernels(box):
     """What vLLM's CPU backend does to the model at start: inductor writes C++ and builds it
     with the image's compiler against Python's headers."""
-    code = "import torch; f = torch.compile(lambda x: x.sin() + 1); print(f(torch.zeros(4)).tolist())"
+    code = ("import torch; f = torch.compile(lambda x: x.sin() + 1); "
+            "print(f(torch.zeros(4)).tolist())")
     output = check(box.run(["python", "-c", code]))
     assert "[1.0, 1.0, 1.0, 1.0]" in output
 
