@@ -69,7 +69,7 @@ def resolve(name_or_path: str) -> str:
 def node_ref(name_or_path: str) -> str:
     """What the driver hands other nodes for a base model: a name each node resolves itself
     (never a directory only the driver's node has, such as its built tiny model)."""
-    return str(Path(name_or_path).expanduser().absolute()) if is_local_path(name_or_path) else name_or_path
+    return resolve(name_or_path) if is_local_path(name_or_path) else name_or_path
 
 
 def resolve_on_node(ref: str, key: str = "model.name_or_path") -> str:

@@ -29,12 +29,14 @@ class PreparedData:
 
 def prepare_data(recipe: Recipe, checked: CheckedRecipe | None = None) -> PreparedData:
     """Tokenize the recipe's records with Ray Data: those `check_recipe` read, or read (and
-    checked line by line) here. Each task loads the base model's tokenizer on its own node."""
+    checked line by line) here."""
     checked = checked or check_recipe(recipe)
     d = recipe.data
     train_records, eval_records = checked.train_records, checked.eval_records
-    tokenize = dict(fn_kwargs=dict(tokenizer_ref=modeling.node_ref(recipe.model.name_or_path), chat_template=d.chat_template,
-                                   max_seq_len=d.max_seq_len, packing=d.packing),
+    # the base model by name: each task loads the tokenizer on its own node
+    tokenize = dict(fn_kwargs=dict(tokenizer_ref=modeling.node_ref(recipe.model.name_or_path),
+                                   chat_template=d.chat_template, max_seq_len=d.max_seq_len,
+                                   packing=d.packing),
                     batch_size=4096)
     train_ds = ray.data.from_items(data.as_items(train_records)).map_batches(data.tokenize_batch, **tokenize)
     eval_ds = ray.data.from_items(data.as_items(eval_records)).map_batches(data.tokenize_batch, **tokenize)
