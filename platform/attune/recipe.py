@@ -97,6 +97,33 @@ class ScalingConfig(StrictConfig):
     placement: Literal["pack", "spread"] = Field(
         "pack", description="pack: fill a node before the next (fewer nodes, faster collectives); "
         "spread: each worker on a different node where the cluster has enough.")
+    device_memory_gib: float | None = Field(
+        None, gt=0, description="Memory of one worker's device, for the memory plan `attune "
+        "train` checks first. None: from the cluster (the GPUs' accelerator type; for CPU "
+        "workers, the node's memory shared by its workers).")
+
+
+class MemoryConfig(StrictConfig):
+    activation_checkpointing: bool | None = Field(
+        None, description="Recompute each decoder layer's activations in the backward pass "
+        "instead of keeping them: activations of one layer at a time, about a third more "
+        "compute. None: on with GPUs, off on CPU.")
+    mixed_precision: bool | None = Field(
+        None, description="bf16 compute over fp32 master weights, fp32 optimizer states and "
+        "fp32 gradient reduction (FSDP2 MixedPrecisionPolicy; autocast under DDP). Off: "
+        "everything in model.dtype. None: on for full fine-tuning with GPUs and model.dtype auto.")
+    loss_chunk_tokens: int | None = Field(
+        1024, ge=16, description="Compute the output layer and the loss this many tokens at a "
+        "time, recomputed in the backward pass, so the [tokens, vocab] fp32 logits never exist "
+        "at once. None: the whole logits at once.")
+    cpu_offload: bool = Field(
+        False, description="FSDP2 CPU offload: parameters, gradients and optimizer states live "
+        "in host memory and the optimizer steps there; fits a larger model on fewer GPUs, "
+        "slower. Needs scaling.strategy fsdp.")
+    load_on_rank0: bool = Field(
+        True, description="Rank 0 reads the weights and broadcasts them into the other ranks' "
+        "shards, which build the model on the meta device: host memory per node does not grow "
+        "with its GPU count. False: every rank reads the whole model.")
 
 
 class CheckpointConfig(StrictConfig):
@@ -132,6 +159,8 @@ class Recipe(StrictConfig):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig,
                                          description="Checkpoints and recovery.")
+    memory: MemoryConfig = Field(default_factory=MemoryConfig,
+                                 description="Memory machinery for large models.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and logging.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
 
@@ -149,9 +178,32 @@ class Recipe(StrictConfig):
         if self.model.dtype in ("bfloat16", "float16") and self.scaling.gpus_per_worker == 0:
             raise ValueError(f"model.dtype: {self.model.dtype} training on CPU is not supported; "
                              "use 'auto' or 'float32'")
+        if self.memory.mixed_precision and self.model.dtype in ("bfloat16", "float16"):
+            raise ValueError("memory.mixed_precision keeps fp32 master weights: model.dtype must "
+                             f"be auto or float32, not {self.model.dtype}")
+        if self.memory.cpu_offload and self.scaling.strategy != "fsdp":
+            raise ValueError("memory.cpu_offload needs scaling.strategy: fsdp")
         if self.data.eval_files and self.data.eval_fraction:
             raise ValueError("data: give data.eval_files or data.eval_fraction, not both")
         return self
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.scaling.gpus_per_worker > 0
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """memory.activation_checkpointing with its default resolved."""
+        setting = self.memory.activation_checkpointing
+        return self.on_gpu if setting is None else setting
+
+    @property
+    def mixed_precision(self) -> bool:
+        """memory.mixed_precision with its default resolved."""
+        setting = self.memory.mixed_precision
+        if setting is None:
+            return self.on_gpu and self.method.type == "full" and self.model.dtype == "auto"
+        return setting
 
     @property
     def entry_name(self) -> str:
