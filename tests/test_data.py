@@ -8,6 +8,7 @@ import torch
 
 from attune import corpus, data
 from attune.loop import token_losses
+from attune.loss import CausalLMLoss
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,8 @@ def test_packing_keeps_samples_apart(tiny_base, tokenizer):
     with torch.no_grad():
         logits = model(input_ids=batch([packed])["input_ids"],
                        position_ids=batch([packed])["position_ids"], use_cache=False).logits[0]
-        alone = [token_losses(model, batch(data.pad([s], 256, tokenizer.pad_token_id)))[0]
+        with_loss = CausalLMLoss(model)
+        alone = [token_losses(with_loss, batch(data.pad([s], 256, tokenizer.pad_token_id)))[0]
                  for s in sorted(samples, key=lambda s: len(s["input_ids"]), reverse=True)]
     labels = torch.as_tensor(packed["labels"])
     per_token = torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100,

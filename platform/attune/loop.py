@@ -9,7 +9,6 @@ it directly in one process. What it needs from outside comes in through `Loop`: 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -21,16 +20,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import get_scheduler
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
+from transformers.utils import is_flash_attn_2_available
 
-from attune import parallel
-from attune.recipe import Recipe
+from attune import checkpoints, parallel
+from attune.checkpoints import MODEL_DIR
+from attune.loss import CausalLMLoss, hf_model
 from attune.modeling import load_model, training_dtype
-
-STATE_FILE = "trainer_state.pt"
-HISTORY_FILE = "history.json"
-MODEL_DIR = "model"
+from attune.recipe import Recipe
 
 # Dense bf16 peak FLOP/s, for MFU; devices not listed report no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
@@ -51,30 +49,42 @@ class Loop:
 
 def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token loss over labelled tokens, and how many there were."""
-    # use_cache=False: with a cache, transformers skips the packed-sequence mask.
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                   use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                             ignore_index=-100, reduction="none")
-    return losses.sum(), (labels != -100).sum()
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                 labels=batch["labels"])
 
 
-def build_model(recipe: Recipe, base_path: str, device: torch.device, resume_from: str | None):
-    dtype = training_dtype(recipe.model.dtype, device.type == "cuda")
-    is_lora = recipe.method.type == "lora"
-    weights = base_path if is_lora or not resume_from else os.path.join(resume_from, MODEL_DIR)
-    model = load_model(weights, dtype, recipe.model.attn_implementation)
-    if is_lora:
-        if resume_from:
-            model = PeftModel.from_pretrained(model, os.path.join(resume_from, MODEL_DIR),
-                                              is_trainable=True)
-        else:
-            m = recipe.method
-            model = get_peft_model(model, LoraConfig(
-                r=m.rank, lora_alpha=m.alpha, lora_dropout=m.dropout,
-                target_modules=m.target_modules, task_type="CAUSAL_LM"))
-    return model
+def build_model(recipe: Recipe, base_path: str, device: torch.device,
+                on_meta: bool = False) -> CausalLMLoss:
+    """The base model (with fresh LoRA adapters for a LoRA run) inside its loss; `on_meta`
+    builds the shapes only, for weights that rank 0 broadcasts."""
+    on_gpu = device.type == "cuda"
+    dtype = torch.float32 if recipe.mixed_precision else training_dtype(recipe.model.dtype, on_gpu)
+    attn = attention_implementation(recipe.model.attn_implementation, on_gpu)
+    if on_meta:
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path),
+                                                  dtype=dtype, attn_implementation=attn)
+    else:
+        lm = load_model(base_path, dtype, attn)
+    if recipe.activation_checkpointing:
+        lm.gradient_checkpointing_enable({"use_reentrant": False})
+    if recipe.method.type == "lora":
+        m = recipe.method
+        lm = get_peft_model(lm, LoraConfig(
+            r=m.rank, lora_alpha=m.alpha, lora_dropout=m.dropout,
+            target_modules=m.target_modules, task_type="CAUSAL_LM"))
+    # Under FSDP its MixedPrecisionPolicy casts; elsewhere autocast does.
+    autocast = (torch.bfloat16 if recipe.mixed_precision
+                and not parallel.shards(recipe.scaling.strategy) else None)
+    return CausalLMLoss(lm, recipe.memory.loss_chunk_tokens, autocast)
+
+
+def attention_implementation(setting: str, on_gpu: bool) -> str:
+    """'auto': flash_attention_2 on GPU where flash-attn is installed (packed rows then attend
+    through variable-length kernels, from the positions' restarts), else SDPA with a mask."""
+    if setting != "auto":
+        return setting
+    return "flash_attention_2" if on_gpu and is_flash_attn_2_available() else "sdpa"
 
 
 def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
@@ -82,26 +92,32 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
     torch.manual_seed(recipe.optim.seed)
     o, device = recipe.optim, loop.device
     max_steps = o.max_steps or math.ceil(o.epochs * loop.steps_per_epoch)
-    model = build_model(recipe, base_path, device, loop.resume_from)
-    flops_per_token = _flops_per_token(model, recipe.data.max_seq_len)
-    model = parallel.wrap(model, recipe.scaling.strategy, device)
+    # Rank 0 reads the weights; the other ranks build on meta and get them by broadcast.
+    from_rank0 = recipe.memory.load_on_rank0 and parallel.world_size() > 1
+    model = build_model(recipe, base_path, device, on_meta=from_rank0 and parallel.rank() != 0)
+    flops_per_token = _flops_per_token(model.lm, recipe.data.max_seq_len)
+    full_state = model.state_dict() if from_rank0 and parallel.rank() == 0 else None
+    model = parallel.wrap(model, recipe.scaling.strategy, device,
+                          mixed_precision=recipe.mixed_precision,
+                          cpu_offload=recipe.memory.cpu_offload)
+    if from_rank0 and parallel.shards(recipe.scaling.strategy):
+        parallel.broadcast_from_rank0(model, full_state)
+    del full_state
     if recipe.model.compile:
         model = torch.compile(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay,
-                                  fused=device.type == "cuda")
+                                  fused=device.type == "cuda" and not recipe.memory.cpu_offload)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[o.schedule]
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=o.warmup_steps,
                               num_training_steps=max_steps)
 
     step, history = 0, []
     if loop.resume_from:
-        state = torch.load(os.path.join(loop.resume_from, STATE_FILE), weights_only=False)
-        parallel.load_optimizer_state(model, optimizer, state["optimizer"])
+        state, history = checkpoints.load(loop.resume_from, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         _apply_recipe_hyperparameters(optimizer, scheduler, o)
         step = state["step"]
-        history = json.loads(Path(loop.resume_from, HISTORY_FILE).read_text())
         _log(f"resumed from step {step} ({loop.resume_from})")
 
     batches = _endless(loop.train_batches, start_epoch=step // (loop.steps_per_epoch or max_steps))
@@ -153,7 +169,8 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
         _maybe_inject_fault(step)
         if at_eval or at_checkpoint:
             history.append(metrics)
-            checkpoint = (_save_checkpoint(model, optimizer, scheduler, step, history, loop)
+            checkpoint = (_save_checkpoint(model, optimizer, scheduler, step, history, loop,
+                                           with_model=step == end)
                           if at_checkpoint and loop.checkpoint_root else None)
             loop.report(metrics, checkpoint)
         if "tokens_per_s" in metrics:  # the next window times training steps only, not eval or saving
@@ -185,17 +202,16 @@ def evaluate(model, batches: Iterable[dict], device: torch.device) -> float:
     return total / max(count, 1)
 
 
-def _save_checkpoint(model, optimizer, scheduler, step, history, loop: Loop) -> str | None:
-    """Every rank joins the gather; rank 0 writes `model/` (HF format) and the trainer state."""
-    weights = parallel.trainable_state_dict(model)
-    optim_state = parallel.optimizer_state(model, optimizer)
-    if parallel.rank() != 0:
-        return None
+def _save_checkpoint(model, optimizer, scheduler, step, history, loop: Loop,
+                     with_model: bool) -> str:
+    """Every rank writes its shards; at the run's end rank 0 also writes `model/` (HF format),
+    gathered from all ranks, for the registry entry."""
     path = Path(loop.checkpoint_root) / f"step-{step:07d}"
-    parallel.unwrap(model).save_pretrained(path / MODEL_DIR, state_dict=weights)
-    torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": step},
-               path / STATE_FILE)
-    (path / HISTORY_FILE).write_text(json.dumps(history))
+    checkpoints.save(path, model, optimizer, scheduler, step, history, parallel.rank())
+    if with_model:
+        weights = parallel.trainable_state_dict(model)
+        if parallel.rank() == 0:
+            parallel.unwrap(model).save_pretrained(path / MODEL_DIR, state_dict=weights)
     return str(path)
 
 

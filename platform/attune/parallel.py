@@ -1,7 +1,8 @@
 """Data parallelism for the training loop: DDP or FSDP2, and the state dicts that go with them.
 
 All of it is a no-op when torch.distributed is not initialised, so the loop runs alone too.
-Applied in one fixed order: LoRA first (by the caller), then sharding or replication.
+Applied in one fixed order: LoRA and activation checkpointing first (by the caller), then
+sharding or replication, then the weights broadcast from rank 0 into ranks built on meta.
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
+    set_model_state_dict,
 )
+
+from attune.loss import hf_model
 
 
 def is_distributed() -> bool:
@@ -40,25 +42,48 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def wrap(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.nn.Module:
-    """Replicate (DDP) or shard (FSDP2, per decoder layer then the whole model)."""
-    model.to(device)
-    if not is_distributed():
-        return model
-    if strategy == "ddp":
+def shards(strategy: str) -> bool:
+    """Whether `wrap` shards with FSDP2 (which then owns mixed precision and offloading)."""
+    return is_distributed() and strategy == "fsdp"
+
+
+def wrap(model: torch.nn.Module, strategy: str, device: torch.device, *,
+         mixed_precision: bool = False, cpu_offload: bool = False) -> torch.nn.Module:
+    """Replicate (DDP) or shard (FSDP2, per decoder layer then the whole model). A model built on
+    the meta device gets empty storage here; `broadcast_from_rank0` fills it."""
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not shards(strategy):
+        model = model.to_empty(device=device) if on_meta else model.to(device)
+        if not is_distributed():
+            return model
+        # DDP's constructor broadcasts rank 0's parameters and buffers to every rank.
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    options = {}
+    if mixed_precision:  # bf16 compute; fp32 master weights stay sharded, gradients reduce in fp32
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                    reduce_dtype=torch.float32)
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    elif not on_meta:
+        model.to(device)
     # transformers names the blocks that must not be split; those are the FSDP units.
-    unit_names = set(getattr(_hf_model(model), "_no_split_modules", None) or [])
+    unit_names = set(getattr(hf_model(model.lm), "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in unit_names:
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, **options)
+    fully_shard(model, **options)
+    if on_meta:
+        model.to_empty(device="cpu" if cpu_offload else device)
     return model
 
 
-def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    # peft wraps the transformers model: PeftModel.base_model.model
-    return getattr(getattr(model, "base_model", None), "model", model)
+def broadcast_from_rank0(model: torch.nn.Module, full_state: dict | None) -> None:
+    """Rank 0's weights (read before sharding) into every rank's shards, and its buffers (such as
+    rotary frequencies, which no state dict holds) into every rank (collective)."""
+    set_model_state_dict(model, full_state or {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def sync_gradients(model: torch.nn.Module, sync: bool):
@@ -79,30 +104,17 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if is_distributed():
         state = get_model_state_dict(model, options=_FULL)
     else:
-        state = {_strip(k): v.detach().cpu() for k, v in model.state_dict().items()}
-    return {k: v for k, v in state.items() if k in trainable}
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {_strip(k): v for k, v in state.items() if _strip(k) in trainable}
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under DDP's and torch.compile's wrappers."""
+    """The transformers (or peft) model under the loss and DDP's and torch.compile's wrappers."""
     model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
+    return getattr(model, "module", model).lm
 
 
 def _strip(name: str) -> str:
-    # DDP adds "module.", torch.compile "_orig_mod."; checkpoints use the model's own names
-    return name.replace("_orig_mod.", "").removeprefix("module.")
-
-
-def optimizer_state(model, optimizer) -> dict:
-    if is_distributed():
-        return get_optimizer_state_dict(model, optimizer, options=_FULL)
-    return optimizer.state_dict()
-
-
-def load_optimizer_state(model, optimizer, state: dict) -> None:
-    if is_distributed():
-        set_optimizer_state_dict(model, optimizer, state,
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)
+    # DDP adds "module.", torch.compile "_orig_mod.", the loss "lm."; checkpoints use the
+    # model's own names
+    return name.replace("_orig_mod.", "").removeprefix("module.").removeprefix("lm.")

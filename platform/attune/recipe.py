@@ -26,9 +26,10 @@ class ModelConfig(StrictConfig):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Training dtype; 'auto' is bfloat16 on GPU and float32 on CPU."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel passed to transformers."
-    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto", description="Attention kernel passed to transformers. 'auto': flash_attention_2 on "
+        "GPU where flash-attn is installed (packed samples then use its variable-length kernel "
+        "instead of a block mask), else sdpa.")
     compile: bool = Field(False, description="torch.compile the model before training (GPU).")
 
 

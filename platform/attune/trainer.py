@@ -29,7 +29,8 @@ from attune import data, modeling, registry
 from attune.capacity import check_fits, working_nodes
 from attune.cluster import ensure_ray
 from attune.config import ConfigError
-from attune.loop import HISTORY_FILE, MODEL_DIR, Loop, train_loop
+from attune.checkpoints import HISTORY_FILE, MODEL_DIR
+from attune.loop import Loop, train_loop
 from attune.preflight import check_recipe
 from attune.prepare import PreparedData, prepare_data
 from attune.recipe import Recipe

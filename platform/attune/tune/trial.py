@@ -21,7 +21,7 @@ import uuid
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from attune.loop import HISTORY_FILE
+from attune.checkpoints import HISTORY_FILE
 from attune.trainer import make_trainer
 from attune.prepare import prepare_data
 from attune.tune.config import trial_recipe
