@@ -38,6 +38,13 @@ def write(tmp_path, text: str) -> Path:
     ("name: x\noptim: {}\n", "set optim.max_steps or optim.epochs"),
     ("name: x\noptim: {max_steps: 100}\nscaling: {strategy: zero3}\n", "scaling.strategy:"),
     ("name: x\noptim: {max_steps: 100}\nmodel: {dtype: bfloat16}\n", "model.dtype: bfloat16 training on CPU"),
+    ("name: x\noptim: {max_steps: 100}\nmemory: {cpu_offload: true}\n",
+     "memory.cpu_offload needs scaling.strategy: fsdp"),
+    ("name: x\noptim: {max_steps: 100}\nmemory: {mixed_precision: true}\n"
+     "model: {dtype: bfloat16}\nscaling: {gpus_per_worker: 1}\n",
+     "memory.mixed_precision keeps fp32 master weights"),
+    ("name: x\noptim: {max_steps: 100}\nmemory: {loss_chunk_tokens: 0}\n",
+     "memory.loss_chunk_tokens:"),
     ("name: x\noptim: {max_steps: 100}\nmethod: {type: lora, rank: 0}\n", "method.rank:"),
     ("name: 'bad name!'\noptim: {max_steps: 100}\n", "name:"),
     ("- just\n- a list\n", "a recipe is a mapping"),
@@ -67,3 +74,15 @@ def test_cli_reports_a_bad_recipe_without_a_traceback(tmp_path, capsys):
     assert main(["train", str(write(tmp_path, "name: x\noptim: {max_steps: 1, lrr: 1}\n"))]) == 2
     err = capsys.readouterr().err
     assert "optim.lrr: unknown key" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("settings, checkpointing, mixed", [
+    ({}, False, False),  # CPU: neither
+    ({"scaling": {"gpus_per_worker": 1}}, True, True),  # GPU full fine-tuning: both
+    ({"scaling": {"gpus_per_worker": 1}, "method": {"type": "lora"}}, True, False),
+    ({"scaling": {"gpus_per_worker": 1}, "model": {"dtype": "bfloat16"}}, True, False),
+    ({"scaling": {"gpus_per_worker": 1}, "memory": {"activation_checkpointing": False}}, False, True),
+])
+def test_memory_defaults_follow_the_device_and_method(settings, checkpointing, mixed):
+    recipe = Recipe.model_validate({"name": "x", "optim": {"max_steps": 100}, **settings})
+    assert (recipe.activation_checkpointing, recipe.mixed_precision) == (checkpointing, mixed)

@@ -239,10 +239,13 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 def _flops_per_token(model, seq_len: int) -> float:
-    # 6N for the matmuls (forward + backward) plus attention scores: 12 * layers * hidden * seq.
-    config = model.config
+    # Forward 2N, backward 2N through the activations and 2N' for the weight gradients (N' the
+    # trainable parameters: all of them, or a LoRA run's adapters), plus attention scores:
+    # 12 * layers * hidden * seq. Recomputation under activation checkpointing is not counted.
+    config = hf_model(model).config
     n = sum(p.numel() for p in model.parameters())
-    return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 4 * n + 2 * trainable + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
 def _peak_flops(device: torch.device) -> float | None:
