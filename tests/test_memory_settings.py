@@ -59,6 +59,7 @@ def runs(tiny_base, tmp_path_factory) -> tuple[dict, Path]:
         "all_fsdp": "scaling.strategy=fsdp,memory.activation_checkpointing=true",
         "all_ddp": "scaling.strategy=ddp,memory.activation_checkpointing=true",
         "cpu_offload": f"{PLAIN},memory.cpu_offload=true",
+        "compiled": "scaling.strategy=fsdp,memory.activation_checkpointing=true,model.compile=true",
         "mixed_fsdp": f"{PLAIN},memory.mixed_precision=true,checkpoints={root / 'mixed'}",
         "mixed_ddp": "scaling.strategy=ddp,memory.mixed_precision=true",
         "lora": "scaling.strategy=fsdp,method.type=lora,optim.lr=1e-2",
@@ -67,7 +68,7 @@ def runs(tiny_base, tmp_path_factory) -> tuple[dict, Path]:
 
 
 @pytest.mark.parametrize("variant", ["checkpointing", "chunked_loss", "rank0_load", "all_fsdp",
-                                     "all_ddp", "cpu_offload"])
+                                     "all_ddp", "cpu_offload", "compiled"])
 def test_a_memory_setting_leaves_the_fp32_loss_unchanged(runs, variant):
     reports, _ = runs
     assert losses(reports[variant]) == pytest.approx(losses(reports["plain"]), abs=EXACT)

@@ -97,14 +97,17 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
     model = build_model(recipe, base_path, device, on_meta=from_rank0 and parallel.rank() != 0)
     flops_per_token = _flops_per_token(model.lm, recipe.data.max_seq_len)
     full_state = model.state_dict() if from_rank0 and parallel.rank() == 0 else None
+    if recipe.model.compile:
+        # Block by block, the way FSDP2 and activation checkpointing take them; their hooks and
+        # the loss's data-dependent chunks stay outside the compiled graphs.
+        for block in parallel.decoder_blocks(model):
+            block.forward = torch.compile(block.forward)
     model = parallel.wrap(model, recipe.scaling.strategy, device,
                           mixed_precision=recipe.mixed_precision,
                           cpu_offload=recipe.memory.cpu_offload)
     if from_rank0 and parallel.shards(recipe.scaling.strategy):
         parallel.broadcast_from_rank0(model, full_state)
     del full_state
-    if recipe.model.compile:
-        model = torch.compile(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay,
                                   fused=device.type == "cuda" and not recipe.memory.cpu_offload)

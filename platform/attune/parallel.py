@@ -64,17 +64,24 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device, *,
                                                     reduce_dtype=torch.float32)
     if cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
-    elif not on_meta:
-        model.to(device)
-    # transformers names the blocks that must not be split; those are the FSDP units.
-    unit_names = set(getattr(hf_model(model.lm), "_no_split_modules", None) or [])
-    for module in model.modules():
-        if type(module).__name__ in unit_names:
-            fully_shard(module, **options)
+    # fully_shard moves each unit to the device before it keeps its shard (or offloads it).
+    for block in decoder_blocks(model):
+        fully_shard(block, **options)
     fully_shard(model, **options)
     if on_meta:
         model.to_empty(device="cpu" if cpu_offload else device)
+        if cpu_offload:  # the shards live on the host; buffers (rotary frequencies) on the device
+            for module in model.modules():
+                for name, buffer in module.named_buffers(recurse=False):
+                    setattr(module, name, buffer.to(device))
     return model
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks, which transformers names as not to be split: FSDP's units,
+    and what torch.compile compiles one by one."""
+    names = set(getattr(hf_model(model.lm), "_no_split_modules", None) or [])
+    return [module for module in model.modules() if type(module).__name__ in names]
 
 
 def broadcast_from_rank0(model: torch.nn.Module, full_state: dict | None) -> None:
@@ -109,12 +116,10 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers (or peft) model under the loss and DDP's and torch.compile's wrappers."""
-    model = getattr(model, "_orig_mod", model)
+    """The transformers (or peft) model under the loss and DDP's wrappers."""
     return getattr(model, "module", model).lm
 
 
 def _strip(name: str) -> str:
-    # DDP adds "module.", torch.compile "_orig_mod.", the loss "lm."; checkpoints use the
-    # model's own names
-    return name.replace("_orig_mod.", "").removeprefix("module.").removeprefix("lm.")
+    # DDP adds "module.", the loss "lm."; checkpoints use the model's own names
+    return name.removeprefix("module.").removeprefix("lm.")
