@@ -2,8 +2,8 @@
 
     pytest tests/test_base_model_on_nodes.py
 
-`attune:tiny-llama` is built on every node that needs it, which is only sound if every node
-builds the same model; an s3:// model is copied once per node; a local directory must be one
+attune's tiny models (`attune:tiny-llama`, `-qwen2`, `-llama3`) are built on every node that needs
+them, which is only sound if every node builds the same model; an s3:// model is copied once per node; a local directory must be one
 every node sees, and a node without it says so.
 """
 
@@ -22,18 +22,19 @@ from attune import modeling
 from attune.config import ConfigError
 from attune.store import filesystem
 
-BUILD = "import sys; from pathlib import Path; from attune.modeling import build_tiny_llama; " \
-        "build_tiny_llama(Path(sys.argv[1]))"
+BUILD = "import sys; from pathlib import Path; from attune.tiny_models import build_tiny; " \
+        "build_tiny(sys.argv[1], Path(sys.argv[2]))"
 
 
 def digests(directory: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(directory.iterdir())}
 
 
-def test_every_node_builds_the_same_tiny_model(tmp_path):
+@pytest.mark.parametrize("model", modeling.TINY_MODELS)
+def test_every_node_builds_the_same_tiny_model(tmp_path, model):
     """Two processes (as two nodes would) build it byte for byte alike: weights, tokenizer."""
     for name in ("node-a", "node-b"):
-        subprocess.run([sys.executable, "-c", BUILD, str(tmp_path / name)], check=True,
+        subprocess.run([sys.executable, "-c", BUILD, model, str(tmp_path / name)], check=True,
                        capture_output=True, timeout=300)
     built = digests(tmp_path / "node-a")
     assert "model.safetensors" in built and "tokenizer.json" in built
@@ -41,7 +42,8 @@ def test_every_node_builds_the_same_tiny_model(tmp_path):
 
 
 def test_what_the_driver_hands_other_nodes_is_never_its_own_build(tiny_base, tmp_path, monkeypatch):
-    assert modeling.node_ref("attune:tiny-llama") == "attune:tiny-llama"
+    for name in modeling.TINY_MODELS:
+        assert modeling.node_ref(name) == name
     assert modeling.node_ref("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
     monkeypatch.chdir(tmp_path)
     assert modeling.node_ref("./models/mine") == str(tmp_path / "models" / "mine")  # absolute

@@ -1,11 +1,9 @@
-"""Base models: resolve a name to a local directory, build the tiny default, load for training.
+"""Base models: resolve a name to a local directory, load for training.
 
-    python -m attune.modeling            # builds attune:tiny-llama into ~/.attune/models
+    python -m attune.modeling attune:tiny-qwen2     # prints this node's copy (built on first use)
 
-`attune:tiny-llama` is a Llama-architecture model small enough to fine-tune in a minute on two
-CPU cores, with a byte-level BPE tokenizer trained on the bundled corpus. Its weights are random:
-everything it knows comes from fine-tuning. head_dim is 64 because vLLM's CPU attention kernels
-reject smaller heads. Any other name is a Hugging Face id or a local directory.
+A name is one of the tiny models attune builds itself (attune.tiny_models: `attune:tiny-llama`,
+`attune:tiny-qwen2`, `attune:tiny-llama3`), a Hugging Face id, a local directory or a store URI.
 """
 
 from __future__ import annotations
@@ -15,50 +13,33 @@ import hashlib
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 import torch
 from huggingface_hub import try_to_load_from_cache
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
-from transformers.utils import logging as hf_logging
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from attune.chat_templates import register_end_of_turn
 from attune.config import ConfigError, attune_home
-from attune.corpus import examples
 from attune.store import filesystem
+# the tiny models' names, for whoever resolves or builds them
+from attune.tiny_models import TINY_MODELS, TINY_SHAPE, ensure_tiny, ensure_tiny_llama  # noqa: F401
 
-TINY_NAME = "attune:tiny-llama"
-
-# Ends every assistant turn with the EOS token, so generation stops where the answer does.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' }}"
-    "{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
-    "{% else %}{{ message['content'] + '\n' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
-TINY_SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
-TINY_VOCAB = 2048
+TINY_NAME = "attune:tiny-llama"  # the default base model
 
 
 def resolve(name_or_path: str) -> str:
     """This node's copy of a base model: the tiny model built here on first use, a store URI
     (s3://, gs://) copied here once, a local path made absolute; a hub id unchanged (whoever
     loads it fetches it into this node's Hugging Face cache)."""
-    if name_or_path == TINY_NAME:
-        return str(ensure_tiny_llama())
+    if name_or_path.startswith("attune:"):
+        if name_or_path not in TINY_MODELS:
+            raise ConfigError(f"model.name_or_path: attune builds no {name_or_path!r}; it "
+                              f"builds {', '.join(TINY_MODELS)}")
+        return str(ensure_tiny(name_or_path))
     if "://" in name_or_path:
         return str(copied_from_store(name_or_path))
     if is_local_path(name_or_path):
@@ -154,53 +135,6 @@ def module_names(config) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
 
 
-def ensure_tiny_llama(root: Path | None = None) -> Path:
-    """Build the tiny model once; concurrent callers (Ray workers) wait for the first one."""
-    out = (root or attune_home() / "models") / "tiny-llama"
-    if (out / "config.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / ".tiny-llama.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "config.json").exists():
-            build_tiny_llama(out)
-    return out
-
-
-def build_tiny_llama(out: Path, seed: int = 0) -> Path:
-    """Train the tokenizer on the bundled corpus, initialise the model, save both to `out`."""
-    texts = [m["content"] for e in examples() for m in e["messages"]]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", chat_template=CHAT_TEMPLATE,
-                                        model_max_length=TINY_SHAPE["max_position_embeddings"])
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=False, torch_dtype="float32", **TINY_SHAPE)
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = out.with_name(out.name + ".partial")
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a bar for one small file, in the middle of a run's output
-    try:
-        model.save_pretrained(tmp)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
-
-
 def training_dtype(dtype: str, on_gpu: bool) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if on_gpu else torch.float32
@@ -208,11 +142,14 @@ def training_dtype(dtype: str, on_gpu: bool) -> torch.dtype:
 
 
 def load_tokenizer(path: str, chat_template: str | None = None):
+    """The model's tokenizer; with a chat template of the recipe's, that template's end of turn
+    is its eos_token (a special token, added where the model has a spare row for it)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if chat_template:
-        tokenizer.chat_template = chat_template
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        tokenizer.chat_template = chat_template
+        register_end_of_turn(tokenizer, AutoConfig.from_pretrained(path).vocab_size)
     return tokenizer
 
 
@@ -222,4 +159,4 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa")
 
 
 if __name__ == "__main__":
-    print(ensure_tiny_llama())
+    print(resolve(sys.argv[1] if len(sys.argv) > 1 else TINY_NAME))

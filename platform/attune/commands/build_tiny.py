@@ -1,14 +1,26 @@
-"""attune build-tiny: build the bundled tiny base model (done on first use anyway)."""
+"""attune build-tiny [NAME ...]: build the tiny base models (done on first use anyway).
 
-HELP = "build the bundled tiny base model"
+    attune build-tiny                          # attune:tiny-llama, attune:tiny-qwen2, attune:tiny-llama3
+    attune build-tiny attune:tiny-qwen2
+"""
+
+HELP = "build the tiny base models (tiny-llama, tiny-qwen2, tiny-llama3)"
 
 
 def add_arguments(parser) -> None:
-    pass
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help="attune:tiny-llama, attune:tiny-qwen2 or attune:tiny-llama3 "
+                             "(default: all)")
 
 
 def run(args) -> int:
-    from attune.modeling import ensure_tiny_llama
+    from attune.config import ConfigError
+    from attune.tiny_models import TINY_MODELS, ensure_tiny
 
-    print(ensure_tiny_llama())
+    unknown = [n for n in args.names if n not in TINY_MODELS]
+    if unknown:
+        raise ConfigError(f"build-tiny: no tiny model {', '.join(unknown)}; there are "
+                          f"{', '.join(TINY_MODELS)}")
+    for name in args.names or TINY_MODELS:
+        print(f"{name}: {ensure_tiny(name)}")
     return 0

@@ -1,9 +1,10 @@
 """Replica start-up: the model as this replica's node has it, and Ray's download step only where
 something must be downloaded.
 
-A serving config names base models the way a recipe does. `attune:tiny-llama` is built by each
-node itself (the build is deterministic), so the app carries the name and every replica resolves
-it on its own node: a path resolved where the app was built (the head) would not exist on the
+A serving config names base models the way a recipe does. attune's tiny models
+(`attune:tiny-llama`, `attune:tiny-qwen2`, `attune:tiny-llama3`) are built by each node itself
+(the build is deterministic), so the app carries the name and every replica resolves it on its
+own node: a path resolved where the app was built (the head) would not exist on the
 node a replica lands on.
 
 Before its engine starts, every `ray.serve.llm` replica runs a Ray task on each node of its
@@ -27,7 +28,7 @@ class ResolveModelOnNode(CallbackBase):
 
     async def on_before_node_init(self) -> None:
         source = self.llm_config.model_loading_config.model_source
-        if source == modeling.TINY_NAME:
+        if source in modeling.TINY_MODELS:
             source = modeling.resolve(source)  # built here, once per node
             # what the engine loads (and its tokenizer); the config caches this engine config
             self.llm_config.get_engine_config().hf_model_id = source
