@@ -2,7 +2,8 @@
 
 Every line becomes a chat (`messages`) or a plain `text` record; a line that is not valid is
 reported with its file and line number and nothing is dropped silently. Tokenized samples carry
-labels of -100 wherever no loss is taken (everything but the assistant's tokens in a chat).
+labels of -100 wherever no loss is taken: in a chat, everything but the assistant's words and
+the end-of-turn token after them.
 Packing puts several samples in one row with positions restarting per sample; transformers
 reads those restarts and keeps each token's attention inside its own sample.
 """
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from attune.chat_templates import end_of_turn_id
 
 IGNORE = -100
 ROLES = {"system", "user", "assistant"}
@@ -122,13 +125,19 @@ def _tokenize_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int
         return tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=generation_prompt,
                                              return_dict=False)
 
+    # The turn's labels end at its end-of-turn token: what follows it (ChatML's newline) is the
+    # template's, and the model, stopped at the end of turn, never writes it.
     ids = render(messages, False)
     labels = [IGNORE] * len(ids)
+    end_id = end_of_turn_id(tokenizer)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         start = len(render(messages[:i], True))
         end = len(render(messages[: i + 1], False))
+        turn = ids[start:end]
+        if end_id in turn:
+            end = start + len(turn) - turn[::-1].index(end_id)
         labels[start:end] = ids[start:end]
     return ids, labels
 

@@ -3,7 +3,8 @@
 An entry is a directory (local, or under an s3:// / gs:// URI through pyarrow) holding
 - the model: full weights (`model.safetensors`, `config.json`) or a LoRA adapter that vLLM loads
   (`adapter_config.json`, `adapter_model.safetensors`; no `modules_to_save`, no resized vocab),
-- the tokenizer with its chat template,
+- the tokenizer with its chat template, whose end of turn is the tokenizer's eos_token and, for
+  full weights, in `generation_config.json`'s eos_token_id list (where vLLM stops),
 - `attune.json`: base model, method, LoRA settings, dataset hash, metrics, the recipe, timestamps,
 - `loss_curve.png`.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from attune.chat_templates import end_of_turn_id
 from attune.plots import plot_losses
 from attune.recipe import Recipe
 from attune.store import filesystem
@@ -45,6 +47,7 @@ def write_entry(recipe: Recipe, model_dir: Path, history: list[dict], *, base_pa
         staging = Path(tmp) / recipe.entry_name
         shutil.copytree(model_dir, staging)
         tokenizer.save_pretrained(staging)
+        _stop_at_end_of_turn(staging, tokenizer)
         if recipe.method.type == "lora":
             _point_adapter_at_base(staging, base_path)
         manifest = _manifest(recipe, base_path, history, data_hash, data_stats, extra or {})
@@ -52,6 +55,21 @@ def write_entry(recipe: Recipe, model_dir: Path, history: list[dict], *, base_pa
         plot_losses(history, staging / "loss_curve.png", title=recipe.entry_name)
         _publish(staging, location)
     return location
+
+
+def _stop_at_end_of_turn(entry: Path, tokenizer) -> None:
+    """vLLM stops on generation_config.json's eos_token_id (every id of a list) besides the
+    tokenizer's eos; the template's end of turn must be one of them, or an answer runs on to
+    max_tokens. An adapter has none: vLLM serves it with its base model's."""
+    path = entry / "generation_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    known = config.get("eos_token_id")
+    known = [] if known is None else [known] if isinstance(known, int) else list(known)
+    ends = [tokenizer.eos_token_id, end_of_turn_id(tokenizer), *known]
+    config["eos_token_id"] = list(dict.fromkeys(i for i in ends if i is not None))
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _point_adapter_at_base(entry: Path, base_path: str) -> None:

@@ -61,6 +61,9 @@ def llm_config(model_id: str, source: str, config: ServeConfig, lora: bool) -> L
     e = config.engine
     engine_kwargs = {"dtype": e.dtype, "max_model_len": e.max_model_len,
                      "max_num_seqs": e.max_num_seqs, "enable_prefix_caching": e.enable_prefix_caching,
+                     # the model's generation_config.json: its eos_token_id list holds the chat
+                     # template's end of turn (attune.registry), where every answer stops
+                     "generation_config": "auto",
                      **e.extra}
     if lora:
         engine_kwargs |= {"enable_lora": True, "max_lora_rank": e.max_lora_rank,
