@@ -27,6 +27,7 @@ from transformers.utils import is_flash_attn_2_available
 from attune import checkpoints, parallel
 from attune.checkpoints import MODEL_DIR
 from attune.loss import CausalLMLoss, hf_model
+from attune.objectives import objective_for
 from attune.modeling import load_model, training_dtype
 from attune.recipe import Recipe
 
@@ -53,10 +54,11 @@ def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
                  labels=batch["labels"])
 
 
-def build_model(recipe: Recipe, base_path: str, device: torch.device,
-                on_meta: bool = False) -> CausalLMLoss:
+def build_model(recipe: Recipe, base_path: str, device: torch.device, on_meta: bool = False,
+                frozen: bool = False) -> CausalLMLoss:
     """The base model (with fresh LoRA adapters for a LoRA run) inside its loss; `on_meta`
-    builds the shapes only, for weights that rank 0 broadcasts."""
+    builds the shapes only, for weights that rank 0 broadcasts; `frozen`, the base model only,
+    without gradients."""
     on_gpu = device.type == "cuda"
     dtype = torch.float32 if recipe.mixed_precision else training_dtype(recipe.model.dtype, on_gpu)
     attn = attention_implementation(recipe.model.attn_implementation, on_gpu)
@@ -66,9 +68,11 @@ def build_model(recipe: Recipe, base_path: str, device: torch.device,
                                                   dtype=dtype, attn_implementation=attn)
     else:
         lm = load_model(base_path, dtype, attn)
-    if recipe.activation_checkpointing:
+    if frozen:
+        lm.requires_grad_(False)
+    elif recipe.activation_checkpointing:
         lm.gradient_checkpointing_enable({"use_reentrant": False})
-    if recipe.method.type == "lora":
+    if recipe.method.type == "lora" and not frozen:
         m = recipe.method
         lm = get_peft_model(lm, LoraConfig(
             r=m.rank, lora_alpha=m.alpha, lora_dropout=m.dropout,
@@ -87,27 +91,37 @@ def attention_implementation(setting: str, on_gpu: bool) -> str:
     return "flash_attention_2" if on_gpu and is_flash_attn_2_available() else "sdpa"
 
 
-def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
-    """Run the recipe's optimisation; returns the final metrics (on every rank)."""
-    torch.manual_seed(recipe.optim.seed)
-    o, device = recipe.optim, loop.device
-    max_steps = o.max_steps or math.ceil(o.epochs * loop.steps_per_epoch)
+def _placed_model(recipe: Recipe, base_path: str, device: torch.device, frozen: bool = False):
+    """The model built, compiled, sharded or replicated, with its weights on every rank.
+    `frozen`: DPO's reference for full fine-tuning (no adapters, no gradients)."""
     # Rank 0 reads the weights; the other ranks build on meta and get them by broadcast.
     from_rank0 = recipe.memory.load_on_rank0 and parallel.world_size() > 1
-    model = build_model(recipe, base_path, device, on_meta=from_rank0 and parallel.rank() != 0)
-    flops_per_token = _flops_per_token(model.lm, recipe.data.max_seq_len)
+    model = build_model(recipe, base_path, device, on_meta=from_rank0 and parallel.rank() != 0,
+                        frozen=frozen)
     full_state = model.state_dict() if from_rank0 and parallel.rank() == 0 else None
     if recipe.model.compile:
         # Block by block, the way FSDP2 and activation checkpointing take them; their hooks and
         # the loss's data-dependent chunks stay outside the compiled graphs.
         for block in parallel.decoder_blocks(model):
             block.forward = torch.compile(block.forward)
-    model = parallel.wrap(model, recipe.scaling.strategy, device,
+    model = parallel.wrap(model, recipe.scaling.strategy, device, frozen=frozen,
                           mixed_precision=recipe.mixed_precision,
                           cpu_offload=recipe.memory.cpu_offload)
-    if from_rank0 and parallel.shards(recipe.scaling.strategy):
-        parallel.broadcast_from_rank0(model, full_state)
-    del full_state
+    if from_rank0 and (frozen or parallel.shards(recipe.scaling.strategy)):
+        parallel.broadcast_from_rank0(model, full_state)  # DDP's constructor did it otherwise
+    return model
+
+
+def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
+    """Run the recipe's optimisation; returns the final metrics (on every rank)."""
+    torch.manual_seed(recipe.optim.seed)
+    o, device = recipe.optim, loop.device
+    max_steps = o.max_steps or math.ceil(o.epochs * loop.steps_per_epoch)
+    model = _placed_model(recipe, base_path, device)
+    flops_per_token = _flops_per_token(parallel.unwrap(model), recipe.data.max_seq_len)
+    reference = (_placed_model(recipe, base_path, device, frozen=True)
+                 if recipe.method.objective == "dpo" and recipe.method.type == "full" else None)
+    objective = objective_for(recipe, model, reference)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay,
                                   fused=device.type == "cuda" and not recipe.memory.cpu_offload)
@@ -135,16 +149,16 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
     model.train()
     while step < end:
         micro = [_to(next(batches), device) for _ in range(o.grad_accum_steps)]
-        local_labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        (global_labelled,) = parallel.all_reduce_sum([local_labelled], device)
-        loss_sum = 0.0
+        (count,) = parallel.all_reduce_sum([sum(objective.count(b) for b in micro)], device)
+        loss_sum, sums = 0.0, {}
         for i, batch in enumerate(micro):
             with parallel.sync_gradients(model, sync=i == len(micro) - 1):
-                total, _ = token_losses(model, batch)
+                total, more = objective(model, batch)
                 # DDP and FSDP average gradients over ranks; scale so the step's loss is the
-                # mean over every labelled token on every rank.
-                (total * parallel.world_size() / max(global_labelled, 1)).backward()
+                # mean over every unit (labelled token, preference pair) on every rank.
+                (total * parallel.world_size() / max(count, 1)).backward()
             loss_sum += total.item()
+            sums = {k: sums.get(k, 0.0) + v for k, v in more.items()}
             window_tokens += float(batch["num_tokens"].sum())
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
                      if o.max_grad_norm else None)
@@ -153,9 +167,11 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        loss_total, tokens_total = parallel.all_reduce_sum([loss_sum, window_tokens], device)
-        metrics = {"step": step, "loss": loss_total / max(global_labelled, 1),
-                   "lr": scheduler.get_last_lr()[0]}
+        loss_total, tokens_total, *more = parallel.all_reduce_sum(
+            [loss_sum, window_tokens, *sums.values()], device)
+        metrics = {"step": step, "loss": loss_total / max(count, 1),
+                   "lr": scheduler.get_last_lr()[0],
+                   **{k: v / max(count, 1) for k, v in zip(sums, more)}}
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         at_eval = step % recipe.eval.every_steps == 0 or step == end
@@ -166,7 +182,7 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
             if peak:
                 metrics["mfu"] = metrics["tokens_per_s"] / parallel.world_size() * flops_per_token / peak
         if at_eval and loop.eval_batches is not None:
-            metrics["eval_loss"] = evaluate(model, loop.eval_batches(), device)
+            metrics["eval_loss"] = evaluate(objective, model, loop.eval_batches(), device)
         if "tokens_per_s" in metrics:
             _log(_progress_line(metrics, max_steps))
         _maybe_inject_fault(step)
@@ -193,13 +209,14 @@ def _apply_recipe_hyperparameters(optimizer, scheduler, o) -> None:
     scheduler._last_lr = lrs
 
 
-def evaluate(model, batches: Iterable[dict], device: torch.device) -> float:
+def evaluate(objective, model, batches: Iterable[dict], device: torch.device) -> float:
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in batches:
-            loss, n = token_losses(model, _to(batch, device))
-            total, count = total + loss.item(), count + int(n)
+            batch = _to(batch, device)
+            loss, _ = objective(model, batch)
+            total, count = total + loss.item(), count + objective.count(batch)
     model.train()
     total, count = parallel.all_reduce_sum([total, count], device)
     return total / max(count, 1)

@@ -27,31 +27,42 @@ class CausalLMLoss(torch.nn.Module):
         self.chunk_tokens = chunk_tokens if chunk_tokens and _chunkable(hf_model(lm)) else None
         self.autocast_dtype = autocast_dtype  # bf16 compute over fp32 weights (not under FSDP)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed next-token loss over labelled tokens, and how many there were."""
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                per_sequence: bool = False):
+        """Summed next-token loss over labelled tokens, and how many there were; with
+        `per_sequence`, each row's summed loss (its labelled tokens' negative log-probability)."""
         targets = labels[:, 1:].flatten()
+        labelled = targets != IGNORE
         with self._autocast(input_ids.device):
             if self.chunk_tokens is None:
                 # use_cache=False: with a cache, transformers skips the packed-sequence mask.
                 logits = self.lm(input_ids=input_ids, position_ids=position_ids,
                                  use_cache=False).logits
                 losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets,
-                                         ignore_index=IGNORE, reduction="sum")
-                return losses, (targets != IGNORE).sum()
-            hf = hf_model(self.lm)
-            hidden = hf.get_decoder()(input_ids=input_ids, position_ids=position_ids,
-                                      use_cache=False).last_hidden_state
-            labelled = targets != IGNORE
-            hidden = hidden[:, :-1].flatten(0, 1)[labelled]
-            targets = targets[labelled]
-            head = hf.get_output_embeddings()
-            total = hidden.new_zeros((), dtype=torch.float32)
-            for start in range(0, len(targets), self.chunk_tokens):
-                end = start + self.chunk_tokens
-                total = total + checkpoint(_chunk_loss, hidden[start:end], targets[start:end],
-                                           head.weight, head.bias, use_reentrant=False)
-            return total, labelled.sum()
+                                         ignore_index=IGNORE, reduction="none")
+            else:
+                losses = self._chunked_losses(input_ids, position_ids, targets, labelled)
+        if per_sequence:
+            row_of = torch.arange(len(labels), device=labels.device).repeat_interleave(
+                labels.shape[1] - 1)
+            if self.chunk_tokens:  # the chunked losses are the labelled tokens' only
+                row_of = row_of[labelled]
+            return losses.new_zeros(len(labels)).index_add(0, row_of, losses)
+        return losses.sum(), labelled.sum()
+
+    def _chunked_losses(self, input_ids, position_ids, targets, labelled) -> torch.Tensor:
+        """The labelled tokens' losses, the output layer run a chunk at a time."""
+        hf = hf_model(self.lm)
+        hidden = hf.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state
+        hidden = hidden[:, :-1].flatten(0, 1)[labelled]
+        targets = targets[labelled]
+        head = hf.get_output_embeddings()
+        return torch.cat([checkpoint(_chunk_losses, hidden[start:start + self.chunk_tokens],
+                                     targets[start:start + self.chunk_tokens], head.weight,
+                                     head.bias, use_reentrant=False)
+                          for start in range(0, len(targets), self.chunk_tokens)]
+                         or [hidden.new_zeros(0, dtype=torch.float32)])
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -59,9 +70,9 @@ class CausalLMLoss(torch.nn.Module):
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
 
-def _chunk_loss(hidden, targets, weight, bias):
+def _chunk_losses(hidden, targets, weight, bias):
     logits = F.linear(hidden, weight, bias)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
 def hf_model(model: torch.nn.Module) -> torch.nn.Module:

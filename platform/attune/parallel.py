@@ -12,6 +12,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -47,14 +48,15 @@ def shards(strategy: str) -> bool:
     return is_distributed() and strategy == "fsdp"
 
 
-def wrap(model: torch.nn.Module, strategy: str, device: torch.device, *,
+def wrap(model: torch.nn.Module, strategy: str, device: torch.device, *, frozen: bool = False,
          mixed_precision: bool = False, cpu_offload: bool = False) -> torch.nn.Module:
-    """Replicate (DDP) or shard (FSDP2, per decoder layer then the whole model). A model built on
-    the meta device gets empty storage here; `broadcast_from_rank0` fills it."""
+    """Replicate (DDP) or shard (FSDP2, per decoder layer then the whole model); a `frozen` model
+    (no gradients) is sharded likewise but not replicated by DDP. A model built on the meta
+    device gets empty storage here; `broadcast_from_rank0` fills it."""
     on_meta = any(p.is_meta for p in model.parameters())
     if not shards(strategy):
         model = model.to_empty(device=device) if on_meta else model.to(device)
-        if not is_distributed():
+        if not is_distributed() or frozen:
             return model
         # DDP's constructor broadcasts rank 0's parameters and buffers to every rank.
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -87,8 +89,12 @@ def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 def broadcast_from_rank0(model: torch.nn.Module, full_state: dict | None) -> None:
     """Rank 0's weights (read before sharding) into every rank's shards, and its buffers (such as
     rotary frequencies, which no state dict holds) into every rank (collective)."""
-    set_model_state_dict(model, full_state or {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        set_model_state_dict(model, full_state or {}, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True))
+    else:  # replicated, not sharded: every rank's whole copy
+        for param in model.parameters():
+            dist.broadcast(param.detach(), src=0)
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
 

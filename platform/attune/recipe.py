@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from attune.config import StrictConfig, apply_override, attune_home, read_mapping, validate
 
@@ -38,10 +38,11 @@ class DataConfig(StrictConfig):
         default_factory=lambda: ["data/transformer_qa.jsonl"],
         description="JSONL files to train on (paths relative to the working directory).",
     )
-    format: Literal["messages", "prompt_completion", "alpaca", "text"] = Field(
+    format: Literal["messages", "prompt_completion", "alpaca", "text", "preference"] = Field(
         "messages",
         description="Line format: OpenAI 'messages', 'prompt'/'completion', alpaca "
-        "('instruction'/'input'/'output'), or plain 'text'.",
+        "('instruction'/'input'/'output'), plain 'text', or 'preference' pairs for DPO "
+        "('prompt' or 'messages', then 'chosen' and 'rejected' answers).",
     )
     chat_template: str | None = Field(
         None, description="Jinja chat template overriding the tokenizer's own (None keeps it)."
@@ -63,6 +64,15 @@ class DataConfig(StrictConfig):
 
 class MethodConfig(StrictConfig):
     type: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA (peft).")
+    objective: Literal["sft", "dpo"] = Field(
+        "sft", description="sft: next-token loss on the answers; dpo: Direct Preference "
+        "Optimization on preference pairs (data.format: preference), against the base model as "
+        "reference (under LoRA, the same weights with the adapters off).")
+    beta: float = Field(0.1, gt=0, description="DPO's beta: how far the model may move from the "
+                        "reference (smaller: further).")
+    preference_loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="DPO's sigmoid loss, or IPO's squared loss on length-normalised "
+        "log-ratios.")
     rank: int = Field(16, ge=1, description="LoRA rank r.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
@@ -71,6 +81,14 @@ class MethodConfig(StrictConfig):
                                  "gate_proj", "up_proj", "down_proj"],
         min_length=1, description="Module names that get LoRA adapters.",
     )
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _dpo_is_an_objective(cls, value):
+        if value == "dpo":
+            raise ValueError("'dpo' is an objective, not a type: set method.objective: dpo, "
+                             "with method.type full or lora")
+        return value
 
 
 class OptimConfig(StrictConfig):
@@ -179,6 +197,10 @@ class Recipe(StrictConfig):
         if self.model.dtype in ("bfloat16", "float16") and self.scaling.gpus_per_worker == 0:
             raise ValueError(f"model.dtype: {self.model.dtype} training on CPU is not supported; "
                              "use 'auto' or 'float32'")
+        if (self.method.objective == "dpo") != (self.data.format == "preference"):
+            raise ValueError("method.objective: dpo trains on data.format: preference, and "
+                             "preference data needs method.objective: dpo "
+                             f"(got {self.method.objective} on {self.data.format})")
         if self.memory.mixed_precision and self.model.dtype in ("bfloat16", "float16"):
             raise ValueError("memory.mixed_precision keeps fp32 master weights: model.dtype must "
                              f"be auto or float32, not {self.model.dtype}")
