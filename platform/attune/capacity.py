@@ -65,6 +65,41 @@ def wait_for_nodes(bundles: list[dict[str, float]], what: str, key: str, timeout
     print("[attune] the autoscaler added the nodes", flush=True)
 
 
+# GiB of memory of the GPUs Ray names by `accelerator_type:<type>` (ray.util.accelerators).
+# Ray names the 40 GB and the 80 GB A100 alike "A100" where it cannot tell them apart: 80 here,
+# so A100-40GB users set scaling.device_memory_gib=40.
+ACCELERATOR_GIB = {"H100": 80, "H200": 141, "H20": 96, "B200": 180, "A100": 80, "A100-80G": 80,
+                   "A100-40G": 40, "L4": 24, "A10G": 24, "L40S": 48, "V100": 16, "T4": 16,
+                   "RTX-PRO-6000": 96}
+
+
+def device_memory(recipe, nodes: list[dict[str, float]] | None = None) -> tuple[float | None, str]:
+    """GiB of one Train worker's device, and where that figure came from: the recipe's field;
+    the GPUs' accelerator type (the smallest, where nodes differ); for CPU workers, a node's
+    memory shared by the workers that land on it (the roomiest node: CPU runs are refused only
+    when even that cannot hold them). None where the cluster does not say."""
+    sc = recipe.scaling
+    if sc.device_memory_gib is not None:
+        return sc.device_memory_gib, "scaling.device_memory_gib"
+    nodes = _alive_nodes() if nodes is None else nodes
+    if sc.gpus_per_worker:
+        types = {r.split(":", 1)[1] for n in nodes if n.get("GPU") for r in n
+                 if r.startswith("accelerator_type:")}
+        known = {t: ACCELERATOR_GIB[t] for t in types if t in ACCELERATOR_GIB}
+        if not types or len(known) < len(types):
+            unknown = ", ".join(sorted(types - set(known))) or "none reported"
+            return None, (f"the GPUs' memory is unknown (accelerator type: {unknown}); set "
+                          "scaling.device_memory_gib=<GiB of one GPU> to check the plan")
+        smallest = min(known, key=known.get)
+        note = " (an A100-40GB: set scaling.device_memory_gib=40)" if smallest == "A100" else ""
+        return known[smallest], f"accelerator_type:{smallest}{note}"
+    shares = [n["memory"] / 2**30 / min(sc.num_workers, max(1, int(n.get("CPU", 0) // sc.cpus_per_worker)))
+              for n in nodes if n.get("memory") and n.get("CPU", 0) >= sc.cpus_per_worker]
+    if not shares:
+        return None, "no node reports its memory; set scaling.device_memory_gib to check the plan"
+    return max(shares), "a node's memory shared by the workers on it"
+
+
 def working_nodes() -> int:
     """How many alive nodes can run work (a head started with no CPUs or GPUs cannot)."""
     return sum(1 for n in _alive_nodes() if n.get("CPU", 0) or n.get("GPU", 0))

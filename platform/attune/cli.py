@@ -18,6 +18,7 @@ from attune.data import DataError
 # name -> module in attune.commands (each has HELP, add_arguments, run)
 COMMANDS = {
     "train": "train",
+    "plan": "plan",
     "tune": "tune",
     "submit": "submit",
     "build-tiny": "build_tiny",

@@ -1,14 +1,16 @@
-"""What the driver checks before any cluster work: the model, LoRA's targets, the data, the
-chat template. A run that would fail in its workers after a minute fails here, in one line.
+"""What the driver checks before any cluster work: the model, LoRA's targets, the memory plan
+(where the recipe gives the device memory), the data, the chat template. A run that would fail
+in its workers after a minute fails here, in one line (the memory plan's table after it).
 
     checked = check_recipe(recipe)     # ConfigError or DataError naming the key or file:line
+    check_memory(recipe, *capacity.device_memory(recipe))   # once Ray is up: the cluster's devices
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attune import data, modeling
+from attune import data, memory_plan, modeling
 from attune.config import ConfigError
 from attune.recipe import Recipe
 
@@ -25,6 +27,8 @@ def check_recipe(recipe: Recipe) -> CheckedRecipe:
     config = modeling.model_config(recipe.model.name_or_path)
     if recipe.method.type == "lora":
         _check_lora_targets(recipe.method.target_modules, modeling.module_names(config))
+    if recipe.scaling.device_memory_gib is not None:
+        check_memory(recipe, recipe.scaling.device_memory_gib, "scaling.device_memory_gib")
     d = recipe.data
     records = data.read_records(d.train_files, d.format)
     if d.eval_files:
@@ -33,6 +37,22 @@ def check_recipe(recipe: Recipe) -> CheckedRecipe:
         train_records, eval_records = data.split_eval(records, d.eval_fraction, recipe.optim.seed)
     _check_template(recipe, base_path, train_records[0])
     return CheckedRecipe(base_path, train_records, eval_records)
+
+
+def check_memory(recipe: Recipe, device_memory_gib: float | None, source: str) -> memory_plan.Plan:
+    """Refuse a run whose memory plan exceeds its workers' devices, with the plan's table and
+    the changes that fit; a device of unknown memory is said, not refused."""
+    plan = memory_plan.plan_recipe(recipe, device_memory_gib=device_memory_gib,
+                                   device_source=source)
+    if plan.fits is None:
+        print(f"[attune] memory plan {memory_plan.size(plan.total_bytes)} a worker, not "
+              f"checked: {source}", flush=True)
+    elif not plan.fits:
+        raise ConfigError(
+            f"memory plan: {memory_plan.size(plan.total_bytes)} a worker's device, over the "
+            f"{memory_plan.size(plan.device_bytes)} usable of {device_memory_gib:g} GiB ({source}){'' if plan.suggestions else '; no single change found fits'}\n"
+            + memory_plan.format_plan(plan, recipe))
+    return plan
 
 
 def _check_lora_targets(targets: list[str], modules: set[str]) -> None:
