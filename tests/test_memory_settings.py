@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from attune.loop import Loop, train_loop
 from attune.recipe import Recipe
+from attune.tiny_models import ensure_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -100,6 +101,15 @@ def test_a_sharded_checkpoint_of_two_workers_resumes_on_one(runs, tiny_base, tmp
                        {"resumed": f"{PLAIN},resume_from={checkpoint}"}, workers=1)["resumed"]
     assert [r["step"] for r in resumed] == [3, 4]
     assert losses(resumed) == pytest.approx(losses(reports["plain"])[2:], abs=EXACT)
+
+
+def test_tied_embeddings_stay_tied_on_ranks_built_on_meta(tmp_path):
+    base = str(ensure_tiny("attune:tiny-qwen2"))  # Qwen2 ties its output layer to its embeddings
+    runs = torchrun(tmp_path / "tied.json", base, {
+        "every_rank_reads": "scaling.strategy=ddp,memory.load_on_rank0=false",
+        "ddp": "scaling.strategy=ddp", "fsdp": "scaling.strategy=fsdp"}, steps=3)
+    for variant in ("ddp", "fsdp"):
+        assert losses(runs[variant]) == pytest.approx(losses(runs["every_rank_reads"]), abs=EXACT)
 
 
 # A model whose logits and activations outweigh its weights, as a 128k-vocabulary model's do.

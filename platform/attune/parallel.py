@@ -55,7 +55,7 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device, *, frozen:
     device gets empty storage here; `broadcast_from_rank0` fills it."""
     on_meta = any(p.is_meta for p in model.parameters())
     if not shards(strategy):
-        model = model.to_empty(device=device) if on_meta else model.to(device)
+        model = _materialized(model, device) if on_meta else model.to(device)
         if not is_distributed() or frozen:
             return model
         # DDP's constructor broadcasts rank 0's parameters and buffers to every rank.
@@ -71,7 +71,7 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device, *, frozen:
         fully_shard(block, **options)
     fully_shard(model, **options)
     if on_meta:
-        model.to_empty(device="cpu" if cpu_offload else device)
+        _materialized(model, "cpu" if cpu_offload else device)
         if cpu_offload:  # the shards live on the host; buffers (rotary frequencies) on the device
             for module in model.modules():
                 for name, buffer in module.named_buffers(recurse=False):
@@ -84,6 +84,14 @@ def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     and what torch.compile compiles one by one."""
     names = set(getattr(hf_model(model.lm), "_no_split_modules", None) or [])
     return [module for module in model.modules() if type(module).__name__ in names]
+
+
+def _materialized(model: torch.nn.Module, device) -> torch.nn.Module:
+    """Empty storage for a model built on meta; tied weights (Qwen2's embeddings and output
+    layer) get one storage again, as to_empty gives each module its own."""
+    model.to_empty(device=device)
+    hf_model(model.lm).tie_weights()
+    return model
 
 
 def broadcast_from_rank0(model: torch.nn.Module, full_state: dict | None) -> None:

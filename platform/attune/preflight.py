@@ -64,9 +64,12 @@ def _check_lora_targets(targets: list[str], modules: set[str]) -> None:
 
 
 def _check_template(recipe: Recipe, base_path: str, record: data.Record) -> None:
-    tokenizer = modeling.load_tokenizer(base_path, recipe.data.chat_template)
     try:
+        # loading renders the template too (to find its end of turn)
+        tokenizer = modeling.load_tokenizer(base_path, recipe.data.chat_template)
         data.tokenize(record, tokenizer, recipe.data.max_seq_len)
+    except ConfigError:  # a template attune refuses says why itself
+        raise
     except Exception as e:  # jinja's errors and the tokenizer's: any of them stops every worker
         key = "data.chat_template" if recipe.data.chat_template else "the tokenizer's chat template"
         raise ConfigError(f"{key}: does not render {record.source}: "

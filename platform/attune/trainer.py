@@ -26,12 +26,12 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from attune import data, modeling, registry
-from attune.capacity import check_fits, working_nodes
+from attune.capacity import check_fits, device_memory, working_nodes
 from attune.cluster import ensure_ray
 from attune.config import ConfigError
 from attune.checkpoints import HISTORY_FILE, MODEL_DIR
 from attune.loop import Loop, train_loop
-from attune.preflight import check_recipe
+from attune.preflight import check_memory, check_recipe
 from attune.prepare import PreparedData, prepare_data
 from attune.recipe import Recipe
 from attune.store import say_if_maybe_node_local
@@ -104,7 +104,7 @@ def _keeping(batches, cache: list | None):
     """Yield torch batches; with a cache, also keep their rows (an epoch of a small shard)."""
     for batch in batches:
         if cache is not None:
-            cache += [{k: v[i] for k, v in batch.items()} for i in range(len(batch["input_ids"]))]
+            cache += [{k: v[i] for k, v in batch.items()} for i in range(len(batch["num_tokens"]))]
         # A copy: Ray Data hands out read-only views of its blocks, which torch warns about on
         # every batch (and a tensor over one must not be written to); the batches are small.
         yield {k: torch.tensor(v) for k, v in batch.items()}
@@ -215,11 +215,13 @@ def _rows_bytes(recipe: Recipe, rows: int) -> int:
 
 def check_workers_fit(recipe: Recipe, also: list[dict] = (), what: str = "") -> None:
     """Fail in seconds, not wait forever, when no placement of the run's workers (and `also`)
-    fits the cluster's nodes."""
+    fits the cluster's nodes, or the memory plan exceeds the devices they would get."""
     sc = recipe.scaling
     key = "scaling.gpus_per_worker" if sc.gpus_per_worker else "scaling.num_workers"
     check_fits([*also, *[_resources(recipe)] * sc.num_workers],
                what or f"{sc.num_workers} Train workers", key)
+    if recipe.scaling.device_memory_gib is None:  # given, check_recipe planned it before Ray
+        check_memory(recipe, *device_memory(recipe))
 
 
 def _resources(recipe: Recipe) -> dict:

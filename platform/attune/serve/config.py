@@ -26,8 +26,9 @@ IMPORT_PATH = "attune.serve:build_app"
 class BaseModelSpec(StrictConfig):
     id: str = Field(description="Model id clients ask for, e.g. 'tiny-llama'.",
                     pattern=r"^[A-Za-z0-9._/-]+$")
-    name_or_path: str = Field(description="Hugging Face id, local directory, or "
-                              "'attune:tiny-llama' (built on first use).")
+    name_or_path: str = Field(description="Hugging Face id, local directory, or a tiny model "
+                              "attune builds on first use ('attune:tiny-llama', "
+                              "'attune:tiny-qwen2', 'attune:tiny-llama3').")
 
 
 class EngineConfig(StrictConfig):
