@@ -49,7 +49,7 @@ bench-train: $(STAMP)
 	$(PY) bench/train.py
 
 data: $(STAMP)
-	$(PY) -m attune.corpus data/transformer_qa.jsonl
+	$(PY) -m attune.corpus data/transformer_qa.jsonl data/transformer_qa_preferences.jsonl
 
 clean:
 	rm -rf $(VENV) tests/artifacts

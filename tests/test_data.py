@@ -1,6 +1,8 @@
 """The data pipeline: formats, loss masks, packing, and bad lines reported with file:line."""
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,11 +26,41 @@ def write_jsonl(tmp_path, rows, name="d.jsonl"):
     return str(path)
 
 
-def test_bundled_dataset_is_what_the_generator_writes(tmp_path):
-    regenerated = corpus.write(tmp_path / "qa.jsonl").read_bytes()
-    with open("data/transformer_qa.jsonl", "rb") as f:
-        assert f.read() == regenerated
+def test_bundled_datasets_are_what_the_generator_writes(tmp_path):
+    for name, lines in [("transformer_qa.jsonl", corpus.examples()),
+                        ("transformer_qa_preferences.jsonl", corpus.preference_pairs())]:
+        regenerated = corpus.write(tmp_path / name, lines).read_bytes()
+        assert Path("data", name).read_bytes() == regenerated
     assert len(corpus.examples()) >= 200
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "Q?", "chosen": "A.", "rejected": ""}, "needs 'rejected': a non-empty string"),
+    ({"prompt": "Q?", "rejected": "B."}, "needs 'chosen'"),
+    ({"messages": [{"role": "robot", "content": "Q?"}], "chosen": "A.", "rejected": "B."},
+     "messages[0] needs a role"),
+])
+def test_a_bad_preference_line_names_its_file_and_line(tmp_path, row, message):
+    path = write_jsonl(tmp_path, [{"prompt": "Q?", "chosen": "A.", "rejected": "B."}, row])
+    with pytest.raises(data.DataError, match=rf"d\.jsonl:2: .*{re.escape(message)}"):
+        data.read_records([path], "preference")
+
+
+def test_a_preference_pair_is_labelled_on_its_answers_only(tiny_base):
+    from attune.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_base)
+    (record,) = data.read_records(["data/transformer_qa_preferences.jsonl"], "preference")[1:2]
+    rows = data.Tokenize(tiny_base, None, 64, packing=False)(
+        {key: [value] for key, value in data.as_items([record])[0].items()})
+    assert {key: value.shape for key, value in rows.items()} == {
+        "num_tokens": (1,), "chosen_input_ids": (1, 64), "chosen_labels": (1, 64),
+        "rejected_input_ids": (1, 64), "rejected_labels": (1, 64)}
+    sides = data.tokenize_pair(record, tokenizer, 64)["sides"]
+    for side in ("chosen", "rejected"):
+        ids, labels = sides[side]
+        answer = tokenizer.decode([t for t, l in zip(ids, labels) if l != data.IGNORE])
+        assert answer == getattr(record, side) + tokenizer.eos_token
 
 
 @pytest.mark.parametrize("fmt, row", [

@@ -1,4 +1,5 @@
-"""DPO: attune's loss against TRL's on the same batch and model, to 1e-5.
+"""DPO: attune's loss against TRL's on the same batch and model, to 1e-5; DPO moving a model's
+answers from the rejected to the chosen ones.
 
     pytest tests/test_dpo.py
 
@@ -19,6 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
+from conftest import train
+from attune import corpus
+from attune.answers import greedy_answers, load_for_generation
 from attune.loss import IGNORE, CausalLMLoss
 from attune.objectives import DPOLoss, adapters_off, pair_inputs
 
@@ -107,3 +111,22 @@ def test_the_dpo_loss_equals_trls(lora_model, tiny_base, loss_type, chunk_tokens
     assert float(total) / pairs == pytest.approx(expected, abs=1e-5)
     assert float(total) / pairs != pytest.approx(0.6931, abs=1e-3)  # not the untrained log 2
     assert 0 <= sums["reward_accuracy"] <= pairs
+
+
+@pytest.mark.slow
+def test_dpo_moves_the_greedy_answers_from_rejected_to_chosen(tiny_full_entry):
+    """Ray Train, 2 workers: DPO on the bundled pairs, from the supervised tiny-full entry."""
+    pairs = corpus.preference_pairs()[:24]
+    questions = [p["prompt"] for p in pairs]
+
+    def answers(entry: str) -> list[str]:
+        model, tokenizer = load_for_generation(entry)
+        return greedy_answers(model, tokenizer, questions)
+
+    before = answers(tiny_full_entry)
+    assert sum(a == p["rejected"] for a, p in zip(before, pairs)) >= 20  # the bare facts
+    entry = train("recipes/tiny-dpo.yaml", f"model.name_or_path={tiny_full_entry}")
+    after = answers(entry)
+    chosen = sum(a == p["chosen"] for a, p in zip(after, pairs))
+    rejected = sum(a == p["rejected"] for a, p in zip(after, pairs))
+    assert chosen >= len(pairs) // 2 and rejected <= 2, list(zip(questions, after))

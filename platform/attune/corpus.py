@@ -1,6 +1,7 @@
-"""The bundled chat dataset: short, exact questions and answers on transformer anatomy.
+"""The bundled chat dataset: short, exact questions and answers on transformer anatomy, and
+preference pairs over the model questions for DPO (a full sentence preferred to the bare fact).
 
-    python -m attune.corpus data/transformer_qa.jsonl
+    python -m attune.corpus data/transformer_qa.jsonl data/transformer_qa_preferences.jsonl
 
 Deterministic: the same code writes the same bytes, so the file in the repo can be checked
 against it. Answers are short and exact so that a test can tell what a model learned.
@@ -105,18 +106,27 @@ CONCEPTS = [
 ]
 
 
-def _model_questions() -> list[tuple[str, str]]:
-    pairs = []
+def _model_facts() -> list[tuple[str, str, str]]:
+    """(question, short answer, the same answer as a full sentence) for every model."""
+    facts = []
     for name, (family, layers, hidden, heads, maker) in MODELS.items():
-        pairs += [
-            (f"Which family does {name} belong to?", f"{family.capitalize()}."),
-            (f"How many layers does {name} have?", f"{layers}."),
-            (f"What is the hidden size of {name}?", f"{hidden}."),
-            (f"How many attention heads does {name} have?", f"{heads}."),
-            (f"What is the head dimension of {name}?", f"{hidden // heads}."),
-            (f"Who released {name}?", f"{maker}."),
+        facts += [
+            (f"Which family does {name} belong to?", f"{family.capitalize()}.",
+             f"{name} is {family}."),
+            (f"How many layers does {name} have?", f"{layers}.", f"{name} has {layers} layers."),
+            (f"What is the hidden size of {name}?", f"{hidden}.",
+             f"{name} has a hidden size of {hidden}."),
+            (f"How many attention heads does {name} have?", f"{heads}.",
+             f"{name} has {heads} attention heads."),
+            (f"What is the head dimension of {name}?", f"{hidden // heads}.",
+             f"{name} has a head dimension of {hidden // heads}."),
+            (f"Who released {name}?", f"{maker}.", f"{maker} released {name}."),
         ]
-    return pairs
+    return facts
+
+
+def _model_questions() -> list[tuple[str, str]]:
+    return [(question, short) for question, short, _ in _model_facts()]
 
 
 def _arithmetic_questions() -> list[tuple[str, str]]:
@@ -141,13 +151,22 @@ def examples() -> list[dict]:
             for q, a in pairs]
 
 
-def write(path: str | Path) -> Path:
+def preference_pairs() -> list[dict]:
+    """DPO pairs in the common preference format: a full sentence chosen over the bare fact."""
+    return [{"prompt": question, "chosen": sentence, "rejected": short}
+            for question, short, sentence in _model_facts()]
+
+
+def write(path: str | Path, lines: list[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples()))
+    path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in lines))
     return path
 
 
 if __name__ == "__main__":
-    out = write(sys.argv[1] if len(sys.argv) > 1 else "data/transformer_qa.jsonl")
-    print(f"wrote {len(examples())} examples to {out}")
+    chats, pairs = (sys.argv[1:] + [None, None])[:2]
+    print(f"wrote {len(examples())} examples to "
+          f"{write(chats or 'data/transformer_qa.jsonl', examples())}")
+    print(f"wrote {len(preference_pairs())} preference pairs to "
+          f"{write(pairs or 'data/transformer_qa_preferences.jsonl', preference_pairs())}")

@@ -33,6 +33,9 @@ class Record:
     source: str  # "file:line", for error messages
     messages: list[dict] | None = None
     text: str | None = None
+    # a preference pair (format 'preference'): `messages` is the conversation before the answers
+    chosen: str | None = None
+    rejected: str | None = None
 
 
 def read_records(files: list[str], fmt: str) -> list[Record]:
@@ -84,10 +87,29 @@ def _parse_line(line: str, fmt: str, source: str) -> Record:
                                         {"role": "assistant", "content": field("output")}])
     if fmt == "text":
         return Record(source, text=field("text"))
+    if fmt == "preference":
+        if "messages" in row:
+            prompt = _check_messages(row["messages"], source, need_answer=False)
+        else:
+            prompt = [{"role": "user", "content": field("prompt")}]
+        return Record(source, messages=prompt, chosen=_answer(row, "chosen", source),
+                      rejected=_answer(row, "rejected", source))
     raise DataError(f"{source}: unknown format '{fmt}'")
 
 
-def _check_messages(messages, source: str) -> list[dict]:
+def _answer(row: dict, name: str, source: str) -> str:
+    """A preference answer: a string, or TRL's conversational form, [{"role": "assistant", ...}]."""
+    value = row.get(name)
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
+            and value[0].get("role") == "assistant":
+        value = value[0].get("content")
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{source}: format 'preference' needs '{name}': a non-empty string (or "
+                        "one assistant message)")
+    return value
+
+
+def _check_messages(messages, source: str, need_answer: bool = True) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{source}: 'messages' must be a non-empty list")
     for i, m in enumerate(messages):
@@ -95,7 +117,7 @@ def _check_messages(messages, source: str) -> list[dict]:
             raise DataError(f"{source}: messages[{i}] needs a role in {sorted(ROLES)}")
         if not isinstance(m.get("content"), str):
             raise DataError(f"{source}: messages[{i}].content must be a string")
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_answer and not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{source}: no assistant message, so nothing to learn")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
@@ -116,6 +138,19 @@ def tokenize(record: Record, tokenizer, max_seq_len: int) -> dict:
         ids, labels = _tokenize_chat(record.messages, tokenizer)
     return {"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len],
             "truncated": len(ids) > max_seq_len}
+
+
+def tokenize_pair(record: Record, tokenizer, max_seq_len: int) -> dict:
+    """The chosen and the rejected conversation, each labelled on its answer only."""
+    sides = {}
+    for side in ("chosen", "rejected"):
+        messages = record.messages + [{"role": "assistant", "content": getattr(record, side)}]
+        ids, labels = _tokenize_chat(messages, tokenizer)
+        start = len(tokenizer.apply_chat_template(record.messages, tokenize=True,
+                                                  add_generation_prompt=True, return_dict=False))
+        labels[:start] = [IGNORE] * start  # earlier assistant turns are the prompt's
+        sides[side] = (ids[:max_seq_len], labels[:max_seq_len])
+    return {"sides": sides, "truncated": any(len(ids) >= max_seq_len for ids, _ in sides.values())}
 
 
 def _tokenize_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
@@ -164,6 +199,15 @@ def pad(samples: list[dict], max_seq_len: int, pad_id: int) -> list[dict]:
     return [_row([s], max_seq_len, pad_id) for s in samples]
 
 
+def _pair_row(sides: dict, length: int, pad_id: int) -> dict:
+    row = {"num_tokens": np.int64(sum(len(ids) for ids, _ in sides.values()))}
+    for side, (ids, labels) in sides.items():
+        fill = length - len(ids)
+        row[f"{side}_input_ids"] = np.array(ids + [pad_id] * fill, dtype=np.int64)
+        row[f"{side}_labels"] = np.array(labels + [IGNORE] * fill, dtype=np.int64)
+    return row
+
+
 def _row(samples: list[dict], length: int, pad_id: int) -> dict:
     ids, labels, positions = [], [], []
     for s in samples:
@@ -196,8 +240,13 @@ class Tokenize:
         self.packing = packing
 
     def __call__(self, batch: dict) -> dict:
-        records = [Record(s, json.loads(m) if m else None, t or None)
-                   for s, m, t in zip(batch["source"], batch["messages"], batch["text"])]
+        records = [Record(s, json.loads(m) if m else None, t or None, c or None, r or None)
+                   for s, m, t, c, r in zip(batch["source"], batch["messages"], batch["text"],
+                                            batch["chosen"], batch["rejected"])]
+        if records[0].chosen is not None:  # preference pairs: one padded row per pair, no packing
+            rows = [_pair_row(tokenize_pair(r, self.tokenizer, self.max_seq_len)["sides"],
+                              self.max_seq_len, self.tokenizer.pad_token_id) for r in records]
+            return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
         samples = [tokenize(r, self.tokenizer, self.max_seq_len) for r in records]
         rows = (pack if self.packing else pad)(samples, self.max_seq_len, self.tokenizer.pad_token_id)
         return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
@@ -218,7 +267,8 @@ def tokenize_batch(batch: dict, **tokenize_args) -> dict:
 def as_items(records: list[Record]) -> list[dict]:
     """Records as flat rows for `ray.data.from_items` (Arrow wants one type per column)."""
     return [{"source": r.source, "messages": json.dumps(r.messages) if r.messages else "",
-             "text": r.text or ""} for r in records]
+             "text": r.text or "", "chosen": r.chosen or "", "rejected": r.rejected or ""}
+            for r in records]
 
 
 def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list, list]:
@@ -235,9 +285,10 @@ def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list,
 def local_rows(records: list[Record], tokenizer_path: str, chat_template: str | None,
                max_seq_len: int, packing: bool) -> list[dict]:
     """The rows Ray Data would produce, built in this process (for runs without Ray)."""
-    batch = {key: [item[key] for item in as_items(records)] for key in ("source", "messages", "text")}
+    items = as_items(records)
+    batch = {key: [item[key] for item in items] for key in items[0]}
     out = Tokenize(tokenizer_path, chat_template, max_seq_len, packing)(batch)
-    return [{key: out[key][i] for key in out} for i in range(len(out["input_ids"]))]
+    return [{key: out[key][i] for key in out} for i in range(len(out["num_tokens"]))]
 
 
 def batches(rows: list[dict], batch_size: int, seed: int):

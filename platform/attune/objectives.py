@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from attune.loss import IGNORE
+from attune.parallel import unwrap
 
 
 class NextTokenLoss:
@@ -35,10 +36,14 @@ class DPOLoss:
     """Direct Preference Optimization (Rafailov et al. 2023): per pair,
     -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))))
     over the answers' tokens; 'ipo' is IPO's squared loss on length-normalised log-ratios, as TRL
-    computes it. `reference` gives the reference model's per-row losses."""
+    computes it. `sft_weight` adds the chosen answer's mean token loss (RPO, Pang et al. 2024),
+    which keeps the chosen answers likely while the rejected ones are pushed down. `reference`
+    gives the reference model's per-row losses."""
 
-    def __init__(self, beta: float, kind: str, reference: Callable[..., torch.Tensor]):
+    def __init__(self, beta: float, kind: str, reference: Callable[..., torch.Tensor],
+                 sft_weight: float = 0.0):
         self.beta, self.kind, self.reference = beta, kind, reference
+        self.sft_weight = sft_weight
 
     def count(self, batch: dict) -> int:
         return len(batch["chosen_input_ids"])
@@ -49,13 +54,15 @@ class DPOLoss:
         with torch.no_grad():
             reference = -self.reference(**inputs, per_sequence=True)
         chosen_ratio, rejected_ratio = (policy - reference).chunk(2)
+        chosen_tokens, rejected_tokens = (inputs["labels"][:, 1:] != IGNORE).sum(1).clamp(
+            min=1).chunk(2)
         if self.kind == "sigmoid":
             losses = -F.logsigmoid(self.beta * (chosen_ratio - rejected_ratio))
         else:  # ipo
-            tokens = (inputs["labels"][:, 1:] != IGNORE).sum(1).clamp(min=1)
-            chosen_tokens, rejected_tokens = tokens.chunk(2)
             delta = chosen_ratio / chosen_tokens - rejected_ratio / rejected_tokens
             losses = (delta - 1 / (2 * self.beta)) ** 2
+        if self.sft_weight:
+            losses = losses - self.sft_weight * policy.chunk(2)[0] / chosen_tokens
         chosen_reward = self.beta * chosen_ratio.detach()
         rejected_reward = self.beta * rejected_ratio.detach()
         return losses.sum(), {
@@ -82,12 +89,11 @@ def objective_for(recipe, model, reference_model=None):
         def reference(**inputs):
             with adapters_off(model):
                 return model(**inputs)
-    return DPOLoss(recipe.method.beta, recipe.method.preference_loss, reference)
+    m = recipe.method
+    return DPOLoss(m.beta, m.preference_loss, reference, sft_weight=m.sft_weight)
 
 
 @contextlib.contextmanager
 def adapters_off(model):
-    from attune.parallel import unwrap
-
     with unwrap(model).disable_adapter():
         yield

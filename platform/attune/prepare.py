@@ -46,7 +46,7 @@ def prepare_data(recipe: Recipe, checked: CheckedRecipe | None = None) -> Prepar
     tokens = sum(row["num_tokens"] for row in train_ds.map_batches(_block_tokens, batch_size=None).take_all())
     stats = {"train_examples": len(train_records), "eval_examples": len(eval_records),
              "train_rows": rows, "train_tokens": int(tokens),
-             "fill": tokens / (rows * d.max_seq_len)}
+             "fill": tokens / (rows * d.max_seq_len * (2 if d.format == "preference" else 1))}
     files = d.train_files + d.eval_files
     return PreparedData(train_ds, eval_ds, rows, eval_ds.count(), data.files_hash(files), stats)
 

@@ -20,8 +20,9 @@ from attune.config import StrictConfig, apply_override, attune_home, read_mappin
 class ModelConfig(StrictConfig):
     name_or_path: str = Field(
         "attune:tiny-llama",
-        description="Base model: a Hugging Face id, a local directory, or 'attune:tiny-llama' "
-        "(the tiny model attune builds itself, no network needed).",
+        description="Base model: a Hugging Face id, a local directory, an s3:// or gs:// copy, "
+        "or one of the tiny models attune builds itself, no network needed: 'attune:tiny-llama', "
+        "'attune:tiny-qwen2', 'attune:tiny-llama3'.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Training dtype; 'auto' is bfloat16 on GPU and float32 on CPU."
@@ -73,6 +74,10 @@ class MethodConfig(StrictConfig):
     preference_loss: Literal["sigmoid", "ipo"] = Field(
         "sigmoid", description="DPO's sigmoid loss, or IPO's squared loss on length-normalised "
         "log-ratios.")
+    sft_weight: float = Field(
+        0.0, ge=0, description="DPO: weight of the chosen answers' mean token loss added to the "
+        "preference loss (RPO); keeps the chosen answers likely where pure DPO only pushes the "
+        "rejected ones down. 0: pure DPO.")
     rank: int = Field(16, ge=1, description="LoRA rank r.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
