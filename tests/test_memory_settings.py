@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 EXACT = 1e-5  # fp32 on CPU: these settings change the order of operations only
+LORA = "scaling.strategy=fsdp,method.type=lora,optim.lr=1e-2"
 # Every setting off: the baseline each variant is compared with.
 PLAIN = ("scaling.strategy=fsdp,memory.loss_chunk_tokens=null,"
          "memory.activation_checkpointing=false,memory.load_on_rank0=false")
@@ -65,6 +66,8 @@ def runs(tiny_base, tmp_path_factory) -> tuple[dict, Path]:
         "mixed_ddp": "scaling.strategy=ddp,memory.mixed_precision=true",
         "lora": "scaling.strategy=fsdp,method.type=lora,optim.lr=1e-2",
         "first_half": f"{PLAIN},checkpoints={root / 'half'},stop_at=2",
+        "lora_first_half": f"{LORA},checkpoints={root / 'lora-half'},stop_at=2",
+        "lora_plain": LORA,
     }), root
 
 
@@ -101,6 +104,15 @@ def test_a_sharded_checkpoint_of_two_workers_resumes_on_one(runs, tiny_base, tmp
                        {"resumed": f"{PLAIN},resume_from={checkpoint}"}, workers=1)["resumed"]
     assert [r["step"] for r in resumed] == [3, 4]
     assert losses(resumed) == pytest.approx(losses(reports["plain"])[2:], abs=EXACT)
+
+
+def test_a_lora_checkpoint_holds_the_adapters_and_resumes_on_one_worker(runs, tiny_base, tmp_path):
+    reports, _ = runs
+    checkpoint = reports["lora_first_half"][-1]["checkpoint"]
+    resumed = torchrun(tmp_path / "resumed.json", tiny_base,
+                       {"resumed": f"{LORA},resume_from={checkpoint}"}, workers=1)["resumed"]
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert losses(resumed) == pytest.approx(losses(reports["lora_plain"])[2:], abs=EXACT)
 
 
 def test_tied_embeddings_stay_tied_on_ranks_built_on_meta(tmp_path):

@@ -32,8 +32,10 @@ STATE_FILE = "trainer_state.pt"
 HISTORY_FILE = "history.json"
 MODEL_DIR = "model"
 
-# Frozen weights (a LoRA run's base model) are the base model's: not saved again.
+# Frozen weights (a LoRA run's base model) are the base model's: not saved again, and not
+# expected back when loading.
 _TRAINABLE = StateDictOptions(ignore_frozen_params=True)
+_INTO_TRAINABLE = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def save(path: Path, model, optimizer, scheduler, step: int, history: list[dict],
@@ -53,7 +55,7 @@ def load(path: str, model, optimizer) -> tuple[dict, list[dict]]:
     state = {"model": get_model_state_dict(model, options=_TRAINABLE),
              "optimizer": get_optimizer_state_dict(model, optimizer, options=_TRAINABLE)}
     dcp.load(state, checkpoint_id=os.path.join(path, SHARDED_DIR), no_dist=not dist.is_initialized())
-    set_model_state_dict(model, state["model"], options=_TRAINABLE)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_TRAINABLE)
+    set_model_state_dict(model, state["model"], options=_INTO_TRAINABLE)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_INTO_TRAINABLE)
     trainer_state = torch.load(os.path.join(path, STATE_FILE), weights_only=False)
     return trainer_state, json.loads(Path(path, HISTORY_FILE).read_text())
