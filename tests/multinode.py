@@ -96,6 +96,8 @@ class LocalCluster:
                               for p in (REPO, BIN, Path(sys.executable).resolve()))
         log = self.root / f"{name}.log"
         min_worker = next(ports)
+        # the node's other ports outside its own workers' range
+        ports = (port for port in ports if not min_worker <= port <= min_worker + 60)
         env = {**self._node_env, "NODE_SCRATCH": str(scratch / "tmp"),
                "NODE_PRIVATE_TMP": "1" if private_tmp else "0",
                "TMPDIR": str(scratch / "tmp"), "HOME": str(scratch / "tmp" / "home"),
