@@ -22,9 +22,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from attune.loop import Loop, train_loop
+from attune.loop import measured_peak_bytes
 from attune.memory_plan import plan_recipe
 from attune.modeling import ensure_tiny_llama
 from attune.recipe import Recipe
@@ -61,14 +60,7 @@ def packed_batch(vocab: int, micro: int, seq: int) -> dict:
 
 def measured_peak(recipe: Recipe, base: str, vocab: int) -> int:
     batch = packed_batch(vocab, recipe.optim.micro_batch_size, recipe.data.max_seq_len)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_loop(recipe, base, Loop(train_batches=lambda epoch: [batch], steps_per_epoch=1,
-                                      checkpoint_root=None))
-    held = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        held += event.self_cpu_memory_usage
-        peak = max(peak, held)
-    return peak
+    return measured_peak_bytes(recipe, base, batch)
 
 
 def measure_shape(shape: str, settings: list[str], steps: int, micro: int, seq: int) -> list[dict]:

@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from attune.loop import Loop, train_loop
+from attune.loop import measured_peak_bytes
 from attune.recipe import Recipe
 from attune.tiny_models import ensure_tiny
 
@@ -130,8 +129,7 @@ WIDE = dict(vocab_size=16000, hidden_size=128, intermediate_size=512, num_hidden
 
 
 def peak_bytes_of_a_step(base: str, **memory) -> int:
-    """Peak of the bytes torch's CPU allocator holds during one training step (the model and
-    optimizer built before it count too), from the profiler's allocation events in order."""
+    """Peak CPU bytes of one training step of the wide model with these memory settings."""
     recipe = Recipe.model_validate({
         "name": "peak", "model": {"name_or_path": base},
         "optim": {"max_steps": 1, "warmup_steps": 0, "micro_batch_size": 4},
@@ -140,14 +138,7 @@ def peak_bytes_of_a_step(base: str, **memory) -> int:
     ids = torch.randint(0, WIDE["vocab_size"], (4, 256), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids, "num_tokens": torch.full((4,), 256),
              "position_ids": torch.arange(256).expand(4, 256)}
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_loop(recipe, base, Loop(train_batches=lambda epoch: [batch], steps_per_epoch=1,
-                                      checkpoint_root=None))
-    held = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        held += event.self_cpu_memory_usage
-        peak = max(peak, held)
-    return peak
+    return measured_peak_bytes(recipe, base, batch)
 
 
 def test_activation_checkpointing_and_the_chunked_loss_lower_peak_memory(tmp_path):

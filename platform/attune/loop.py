@@ -197,6 +197,22 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
     return metrics
 
 
+def measured_peak_bytes(recipe: Recipe, base_path: str, batch: dict) -> int:
+    """Peak of the bytes torch's CPU allocator holds over one training step on `batch` (building
+    the model and optimizer counts too), from the profiler's allocation events in time order:
+    what the memory plan is compared with on CPU."""
+    from torch.profiler import ProfilerActivity, profile  # measuring only, not training
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train_loop(recipe, base_path, Loop(train_batches=lambda epoch: [batch], steps_per_epoch=1,
+                                           checkpoint_root=None))
+    held = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak
+
+
 def _apply_recipe_hyperparameters(optimizer, scheduler, o) -> None:
     """The recipe's lr and weight decay win over the ones saved with the optimizer state, so a
     run resumed with new values (Population Based Training's perturbations) trains with them."""
