@@ -246,6 +246,13 @@ def multinode(object_store, ray_auth_token):
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster) -> int:
+    """The HTTP port of the session's Serve: every app on the in-process Ray shares its one
+    proxy, which keeps the port of Serve's first start."""
+    return free_port()
+
+
 @dataclass
 class ServedEndpoint:
     base_url: str  # ends in /v1
@@ -257,7 +264,7 @@ class ServedEndpoint:
 
 
 @pytest.fixture(scope="session")
-def served_endpoint(ray_cluster, object_store, tiny_full_entry, tiny_lora_entry):
+def served_endpoint(ray_cluster, serve_port, object_store, tiny_full_entry, tiny_lora_entry):
     """attune's real endpoint: Ray Serve + vLLM (CPU) serving the tiny base model, its full
     fine-tune and its LoRA adapter (multi-LoRA), behind API-key auth."""
     config = ServeConfig(
@@ -271,7 +278,7 @@ def served_endpoint(ray_cluster, object_store, tiny_full_entry, tiny_lora_entry)
         # limit (no second app, with an engine of its own, just for the overload test)
         max_ongoing_requests=16, max_queued_requests=64,
     )
-    endpoint = run(config, port=free_port())
+    endpoint = run(config, port=serve_port)
     yield ServedEndpoint(endpoint.base_url, API_KEY, "tiny-llama", "tiny-full",
                          "tiny-llama:tiny-lora", config)
     serve.shutdown()

@@ -19,7 +19,6 @@ from ray import serve
 
 from attune import chat_templates, data
 from attune.answers import greedy_answers, load_for_generation, qa_pairs
-from attune.cluster import free_port
 from attune.modeling import load_tokenizer
 from attune.recipe import load_recipe
 from attune.serve import ServeConfig
@@ -44,7 +43,7 @@ def short(recipe: str, steps: int, *overrides: str, chat_template: str | None = 
 
 
 @pytest.fixture(scope="module")
-def families(ray_cluster, object_store):
+def families(ray_cluster, serve_port, object_store):
     """model id -> registry entry, all served by one app."""
     entries = {}
     for family in ("qwen2", "llama3"):
@@ -58,7 +57,7 @@ def families(ray_cluster, object_store):
                      if ":" not in model],
         entries=[entry for model, entry in entries.items() if ":" in model],
         lora_store=f"{object_store}/family-adapters")
-    endpoint = run(config, port=free_port(), name="families")
+    endpoint = run(config, port=serve_port, name="families")
     client = OpenAI(base_url=endpoint.base_url, api_key=API_KEY, max_retries=0)
     yield client, entries
     serve.delete("families")

@@ -270,6 +270,18 @@ def test_every_deployment_yaml_loads_through_serve_schema_and_builder(served_end
                 validate(ServeConfig, app.args, str(path))
 
 
+def test_a_second_app_on_another_port_is_refused_and_the_first_keeps_serving(served_endpoint):
+    """Serve's one proxy keeps its first port: an app asked elsewhere would not be where it says."""
+    from attune.cluster import free_port
+    from attune.config import ConfigError
+    from attune.serve.local import run
+
+    listening = int(served_endpoint.base_url.rsplit(":", 1)[1].removesuffix("/v1"))
+    with pytest.raises(ConfigError, match=f"already listens on 127.0.0.1:{listening}"):
+        run(served_endpoint.config, port=free_port(), name="elsewhere")
+    assert ask(client(served_endpoint), "tiny-full", QUESTIONS[0][0])
+
+
 def test_overload_beyond_the_queue_is_refused_not_queued(served_endpoint):
     """The endpoint holds 16 requests at work and 64 waiting per model (conftest): a burst of 160
     gets the rest refused at once, 503 with Retry-After, and the admitted ones answered."""

@@ -34,6 +34,7 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: st
     ensure_ray()
     _check_replicas_fit(config)
     serve.start(http_options={"host": host, "port": port})
+    _check_serve_listens_on(host, port)
     serve.run(build_app(config), name=name, route_prefix="/")
     ids = [m.id for m in config.base_models]
     for location in config.entries:
@@ -41,6 +42,19 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: st
         ids.append(f"{base_for(entry, config).id}:{entry.name}" if entry.is_lora else entry.name)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return Endpoint(f"http://{shown}:{port}/v1", ids)
+
+
+def _check_serve_listens_on(host: str, port: int) -> None:
+    """Serve keeps the proxy of its first start: a cluster that already serves elsewhere ignores
+    the host and port asked for (only a warning in Ray's log), so say so before deploying."""
+    from ray.serve.context import _get_global_client  # no public read of a running proxy's options
+
+    running = _get_global_client().http_config
+    if (running.host, running.port) != (host, port):
+        raise ConfigError(
+            f"Ray Serve already listens on {running.host}:{running.port} in this cluster and its "
+            f"proxy cannot move to {host}:{port}: serve there (--host {running.host} --port "
+            f"{running.port}), or stop Serve first (`serve shutdown`)")
 
 
 def _enable_ha_proxy() -> None:
