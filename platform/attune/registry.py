@@ -126,3 +126,18 @@ def read_manifest(location: str) -> dict:
     fs, path = filesystem(location)
     with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
         return json.loads(f.read())
+
+
+def update_manifest(location: str, fields: dict) -> dict:
+    """Merge `fields` into the entry's manifest (the model files stay as they are)."""
+    manifest = {**read_manifest(location), **fields}
+    text = json.dumps(manifest, indent=2) + "\n"
+    fs, path = filesystem(location)
+    if "://" in location:
+        with fs.open_output_stream(f"{path}/{MANIFEST}") as f:
+            f.write(text.encode())
+        return manifest
+    incoming = Path(path, f".{MANIFEST}.incoming")
+    incoming.write_text(text)
+    os.replace(incoming, Path(path, MANIFEST))  # a reader sees the old manifest or the new
+    return manifest
