@@ -300,3 +300,111 @@ def test_page_as_a_serve_application_beside_the_endpoint(tab, chat_endpoint):
         assert last_answer(tab).inner_text().startswith(TAUGHT_ANSWER)
     finally:
         serve.delete("chat")
+
+
+def test_a_corrected_answer_trains_the_next_model_which_the_page_compares(
+        tab, chat_endpoint, tiny_full_entry, tmp_path, monkeypatch, artifacts):
+    """The loop of docs/feedback.md on an app of its own: a signed-in person corrects one answer
+    of tiny-full and likes another; `attune feedback export` makes the correction a preference
+    pair; DPO on it trains the next model, `attune eval` scores it on the export's chats, `attune
+    promote --require` adds it to the app's config, deployed again; compare mode then shows the
+    old and the new model answering the corrected question differently."""
+    import json
+
+    import yaml
+    from conftest import train
+    from playwright.sync_api import expect
+    from ray import serve
+
+    from attune.feedback import FeedbackStore
+    from attune.serve.config import config_from_file
+    from attune.serve.local import run as deploy
+    from attune.ui import build_page, launch_page
+
+    question, taught, correction = ("Which family does BERT-base belong to?", "Encoder-only.",
+                                    "BERT-base is encoder-only.")
+    serve_file = tmp_path / "serve.yaml"
+    serve_file.write_text(yaml.safe_dump({"applications": [{
+        "name": "feedback", "route_prefix": "/feedback", "import_path": "attune.serve:build_app",
+        "args": {"base_models": [{"id": "tiny-full", "name_or_path": tiny_full_entry}]}}]}))
+    port = int(chat_endpoint.base_url.rsplit(":", 1)[1].split("/")[0])
+    endpoint = deploy(config_from_file(serve_file), port=port, name="feedback", route_prefix="/feedback")
+    db = f"sqlite:///{tmp_path}/feedback.db"
+    monkeypatch.setenv("ATTUNE_CHAT_USERS", "ada:lovelace")
+    page = build_page(endpoint.base_url, model="tiny-full", api_key=chat_endpoint.api_key,
+                      feedback=FeedbackStore(db))
+    url = launch_page(page, port=_free_port(), block=False)
+    try:
+        tab.goto(url)
+        _sign_in_after_a_wrong_password(tab, "ada", "lovelace")
+        expect(tab.locator("#model-a input")).to_have_value("tiny-full")
+        ask(tab, question)
+        expect(last_answer(tab)).to_contain_text(STATS)
+        assert last_answer(tab).inner_text().startswith(taught)
+        tab.locator("#chat-a button[aria-label='Edit']").last.click()
+        tab.locator("#chat-a textarea").last.fill(correction)
+        tab.get_by_role("button", name="Submit").click()
+        expect(last_answer(tab)).to_contain_text("✎ corrected")
+        assert last_answer(tab).inner_text().startswith(correction)
+        ask(tab, QUESTION)  # the conversation goes on from the corrected answer
+        expect(last_answer(tab)).to_contain_text(STATS)
+        liked_shown = last_answer(tab).inner_text()
+        tab.locator("#chat-a button[aria-label='Like']").last.click()
+        _wait_for(lambda: any(f.rating == "up" for f in FeedbackStore(db).all()))
+
+        exported = {}
+        for kind in ("dpo", "sft"):
+            path = tmp_path / f"feedback-{kind}.jsonl"
+            _attune("feedback", "export", "--as", kind, str(path), "--db", db)
+            exported[kind] = [json.loads(line) for line in path.read_text().splitlines()]
+        assert exported["dpo"] == [{"messages": [{"role": "user", "content": question}],
+                                    "chosen": correction, "rejected": taught}]
+        liked = exported["sft"][1]["messages"]
+        assert [m["content"] for m in liked[:3]] == [question, correction, QUESTION]  # as asked
+        assert liked_shown.startswith(liked[-1]["content"]) and STATS.search(liked_shown)
+        assert exported["sft"][0]["messages"][-1]["content"] == correction
+        assert {f.user for f in FeedbackStore(db).all()} == {"ada"}
+
+        # DPO from tiny-full on the export (its reference: a frozen copy of tiny-full)
+        entry = train("recipes/tiny-dpo.yaml", "name=tiny-feedback", f"model.name_or_path={tiny_full_entry}",
+                      f"data.train_files=[{tmp_path}/feedback-dpo.jsonl]", "optim.max_steps=60",
+                      "scaling.num_workers=1", "checkpoint.every_steps=60", "eval.every_steps=60")
+        _attune("eval", entry, "--data", str(tmp_path / "feedback-sft.jsonl"))
+        _attune("promote", entry, "--config", str(serve_file), "--require", "exact_match>=0.5")
+        endpoint = deploy(config_from_file(serve_file), port=port, name="feedback",
+                          route_prefix="/feedback")
+        assert "tiny-feedback" in endpoint.model_ids
+
+        tab.click("#clear")
+        tab.locator("#compare input").check()
+        tab.click("#refresh-models")
+        pick_model(tab, "#model-b", "tiny-feedback")
+        ask(tab, question)
+        for panel in ("#chat-a", "#chat-b"):
+            expect(last_answer(tab, panel)).to_contain_text(STATS)
+        assert last_answer(tab, "#chat-a").inner_text().startswith(taught)
+        assert last_answer(tab, "#chat-b").inner_text().startswith(correction)
+        tab.screenshot(path=str(artifacts / "chat-feedback.png"))
+    finally:
+        page.close()
+        serve.delete("feedback")
+
+
+def _attune(*args: str) -> str:
+    """An attune command as a user runs it; its output, or the test fails with it."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "attune", *args], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, f"attune {' '.join(args)}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def _wait_for(condition, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the page's event did not arrive"
+        time.sleep(0.5)

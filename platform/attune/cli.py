@@ -30,6 +30,7 @@ COMMANDS = {
     "k8s": "k8s",
     "chat": "chat",
     "chat-user": "chat_user",
+    "feedback": "feedback",
 }
 
 

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from attune import data
 from attune.config import ConfigError
@@ -37,6 +38,7 @@ def evaluate(location: str, data_file: str, data_format: str = "messages",
     records = data.read_records([data_file], data_format)  # a bad line names its file and line
     recipe = read_manifest(location)["recipe"]
     with _local_copy(location) as path:
+        # torch loads only to score: `attune promote --require` reads the scores without it
         from attune.answers import exact_match, greedy_answers, load_for_generation
 
         model, tokenizer = load_for_generation(path)
@@ -57,6 +59,7 @@ def evaluate(location: str, data_file: str, data_format: str = "messages",
 
 
 def _eval_loss(model, path: str, records: list, max_seq_len: int, batch_size: int) -> float:
+    # torch loads only to score, as above
     import torch
 
     from attune.loss import CausalLMLoss
@@ -85,8 +88,6 @@ def _local_copy(location: str):
     if "://" not in location:
         yield str(Path(location).expanduser())
         return
-    import pyarrow.fs as pafs
-
     fs, path = filesystem(location)
     with tempfile.TemporaryDirectory(prefix="attune-eval-") as tmp:
         pafs.copy_files(path, tmp, source_filesystem=fs)

@@ -22,8 +22,10 @@ class Endpoint:
     model_ids: list[str]
 
 
-def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "attune") -> Endpoint:
-    """Deploy the app and wait until it is healthy."""
+def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: str = "attune",
+        route_prefix: str = "/") -> Endpoint:
+    """Deploy the app as application `name` under `route_prefix` and wait until it is healthy;
+    deployed again under the same name, Serve rolls it over to the new config."""
     if config.direct_streaming:
         _enable_ha_proxy()
     # Ray Serve reads HA_PROXY_ENV when it loads: only now, after _enable_ha_proxy.
@@ -35,13 +37,13 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: st
     _check_replicas_fit(config)
     serve.start(http_options={"host": host, "port": port})
     _check_serve_listens_on(host, port)
-    serve.run(build_app(config), name=name, route_prefix="/")
+    serve.run(build_app(config), name=name, route_prefix=route_prefix)
     ids = [m.id for m in config.base_models]
     for location in config.entries:
         entry = read_entry(location)
         ids.append(f"{base_for(entry, config).id}:{entry.name}" if entry.is_lora else entry.name)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return Endpoint(f"http://{shown}:{port}/v1", ids)
+    return Endpoint(f"http://{shown}:{port}{route_prefix.rstrip('/')}/v1", ids)
 
 
 def _check_serve_listens_on(host: str, port: int) -> None:

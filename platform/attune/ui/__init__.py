@@ -6,7 +6,7 @@
 endpoint.py  client, model list, errors in words     chat.py     one streamed answer + its stats
 compare.py   two answers streaming side by side       page.py     the Gradio layout and events
 users.py     who may open the page (login or not)     passwords.py  the users file: salted hashes
-serve.py     the Serve deployment
+feedback.py  thumbs and corrections of answers      serve.py    the Serve deployment
 """
 
 from attune.ui.page import build_page, launch_page

@@ -47,6 +47,14 @@ class Turn:
     answer: str = ""
     stats: Stats | None = None
     error: str | None = None
+    model: str | None = None
+    """The model that answered."""
+    asked: list[dict] = field(default_factory=list)
+    """The messages it answered: system prompt, earlier turns, this question."""
+    settings: GenerationSettings | None = None
+    """The sampling settings of the answer."""
+    original: str | None = None
+    """The model's own answer once a person has corrected it (the correction is `answer`)."""
 
 
 @dataclass

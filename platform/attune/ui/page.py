@@ -5,7 +5,8 @@
 Left: model picker (filled from /v1/models, ↻ to refresh), compare mode, system prompt and
 sampling parameters. Right: one chat panel, or two side by side in compare mode, each answer
 followed by its time to first token, tokens/s and token count. The conversation of each panel
-lives in a server-side gr.State as `Turn`s; the Chatbot only shows it.
+lives in a server-side gr.State as `Turn`s; the Chatbot only shows it. With a feedback store,
+each answer takes a thumbs up or down and can be edited into a correction (`ui/feedback.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from collections.abc import Iterator
 
 import gradio as gr
 
+from attune.feedback import FeedbackStore
 from attune.ui.chat import GenerationSettings, Reply, Turn, messages_for, stream_reply
+from attune.ui import feedback as page_feedback
 from attune.ui.compare import side_by_side
 from attune.ui.endpoint import describe_error, list_models, make_client
 from attune.ui.users import Login, page_login
@@ -23,12 +26,17 @@ from attune.ui.users import Login, page_login
 EXAMPLE_QUESTIONS = ["How many layers does BERT-base have?", "What is the hidden size of BERT-base?",
                      "Which family does BERT-base belong to?"]
 _LIST_MARKER = re.compile(r"(?m)^(\s*\d+)([.)])")
+_ESCAPED_LIST_MARKER = re.compile(r"(?m)^(\s*\d+)\\([.)])")
+_STATS_LINE = re.compile(r"\s*<sub>[^<]*</sub>\s*$")
+CORRECTED = "✎ corrected: what the model said is kept as feedback"
 NO_MODEL = "No model selected: the endpoint listed none. Press ↻ Refresh models once it is up."
 
 
 def build_page(endpoint: str, *, model: str | None = None, compare_model: str | None = None,
-               api_key: str | None = None, title: str = "attune chat") -> gr.Blocks:
-    """The page; `model` / `compare_model` are selected when the endpoint serves them."""
+               api_key: str | None = None, title: str = "attune chat",
+               feedback: FeedbackStore | None = None) -> gr.Blocks:
+    """The page; `model` / `compare_model` are selected when the endpoint serves them; marks
+    and corrections of answers go to `feedback` (none: the answers take none)."""
     client = make_client(endpoint, api_key)  # the key stays in this closure, on the server
 
     def refresh_models(current_a: str | None, current_b: str | None):
@@ -47,14 +55,15 @@ def build_page(endpoint: str, *, model: str | None = None, compare_model: str | 
         settings = _settings(*params)
         models = [model_a, model_b] if compare else [model_a]
         conversations = [list(turns_a), list(turns_b)]
-        streams = [_answer(client, m, messages_for(conversations[i], message, settings), settings)
-                   for i, m in enumerate(models)]
+        asked = [messages_for(conversations[i], message, settings) for i in range(len(models))]
+        streams = [_answer(client, m, asked[i], settings) for i, m in enumerate(models)]
         for conversation in conversations[:len(models)]:
             conversation.append(Turn(message))  # shown at once, filled in as tokens arrive
         yield "", _render(conversations[0]), _render(conversations[1]), *conversations
         for replies in side_by_side(streams):
-            for conversation, reply in zip(conversations, replies):
-                conversation[-1] = Turn(message, reply.text, reply.stats, reply.error)
+            for i, reply in enumerate(replies):
+                conversations[i][-1] = Turn(message, reply.text, reply.stats, reply.error,
+                                            model=models[i], asked=asked[i], settings=settings)
             yield "", _render(conversations[0]), _render(conversations[1]), *conversations
 
     def retry(turns_a, turns_b, model_a, model_b, compare, *params):
@@ -63,6 +72,18 @@ def build_page(endpoint: str, *, model: str | None = None, compare_model: str | 
             return
         turns_b = turns_b[:-1] if compare and turns_b else turns_b
         yield from respond(turns_a[-1].user, turns_a[:-1], turns_b, model_a, model_b, compare, *params)
+
+    def rate(turns, liked: gr.LikeData, request: gr.Request):
+        if (i := page_feedback.answered_turn(turns, liked.index)) is not None:
+            page_feedback.rate(feedback, turns[i], liked.liked, request.username)
+
+    def correct(turns, edit: gr.EditData, request: gr.Request):
+        """An edited answer is a correction; an edited question is put back as it was asked."""
+        turns = list(turns)
+        if (i := page_feedback.answered_turn(turns, edit.index)) is not None:
+            turns[i] = page_feedback.correct(feedback, turns[i], _answer_of(edit.value),
+                                             request.username)
+        return _render(turns), turns
 
     with gr.Blocks(title=title, fill_height=True) as page:
         turns_a, turns_b = gr.State([]), gr.State([])
@@ -82,9 +103,11 @@ def build_page(endpoint: str, *, model: str | None = None, compare_model: str | 
                     stop = gr.Textbox(label="Stop sequences (one per line)", lines=2)
             with gr.Column(scale=3):
                 with gr.Row():
-                    chat_a = gr.Chatbot(label="Answer", elem_id="chat-a", height=520, buttons=["copy", "copy_all"])
-                    chat_b = gr.Chatbot(label="Second answer", elem_id="chat-b", height=520, visible=False,
+                    editable = "all" if feedback else None  # Gradio edits questions and answers alike
+                    chat_a = gr.Chatbot(label="Answer", elem_id="chat-a", height=520, editable=editable,
                                         buttons=["copy", "copy_all"])
+                    chat_b = gr.Chatbot(label="Second answer", elem_id="chat-b", height=520, visible=False,
+                                        editable=editable, buttons=["copy", "copy_all"])
                 with gr.Row():
                     message = gr.Textbox(placeholder="Ask something…", show_label=False, scale=5,
                                          autofocus=True, elem_id="message")
@@ -109,6 +132,10 @@ def build_page(endpoint: str, *, model: str | None = None, compare_model: str | 
                 send.click(respond, [message, *inputs], outputs),
                 retry_button.click(retry, inputs, outputs)]
         stop_button.click(None, cancels=runs)
+        if feedback:
+            for chat, turns in ((chat_a, turns_a), (chat_b, turns_b)):
+                chat.like(rate, turns, None)
+                chat.edit(correct, turns, [chat, turns])
         # The Chatbot's own trash icon clears only what it shows: forget the conversation too.
         for clearing in (clear_button.click, chat_a.clear, chat_b.clear):
             clearing(lambda: ([], [], [], []), None, [chat_a, chat_b, turns_a, turns_b], cancels=runs)
@@ -138,10 +165,22 @@ def _render(turns: list[Turn]) -> list[dict]:
             answer = f"⚠️ {turn.error}" + (f"\n\n{_as_text(turn.answer)}" if turn.answer else "")
         elif turn.stats:
             answer = f"{_as_text(turn.answer)}\n\n<sub>{turn.stats.summary()}</sub>"
+        elif turn.original is not None:
+            answer = f"{_as_text(turn.answer)}\n\n<sub>{CORRECTED}</sub>"
         else:
             answer = _as_text(turn.answer) or "…"
         messages += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": answer}]
     return messages
+
+
+def _answer_of(shown) -> str:
+    """The answer in an edited message, without what `_render` added to it."""
+    if isinstance(shown, list):  # Gradio's content parts
+        shown = "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in shown)
+    elif isinstance(shown, dict):
+        shown = shown.get("text") or shown.get("content") or ""
+    text = _STATS_LINE.sub("", str(shown))
+    return _ESCAPED_LIST_MARKER.sub(r"\1\2", text).strip()
 
 
 def _as_text(answer: str) -> str:

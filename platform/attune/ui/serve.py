@@ -45,6 +45,10 @@ class ChatAppArgs(StrictConfig):
     users_file: str | None = Field(None, description="File of user:scrypt$... lines (a mounted "
                                    "Secret; `attune chat-user add` writes it), read at each login; "
                                    "else ATTUNE_CHAT_USERS_FILE from the environment.")
+    feedback: bool = Field(True, description="Answers take thumbs up/down and corrections.")
+    feedback_db: str | None = Field(None, description="SQLAlchemy URL of the feedback database "
+                                    "(a server the team shares, on a cluster); else "
+                                    "ATTUNE_FEEDBACK_DB, else sqlite under the replica's ATTUNE_HOME.")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})  # the page waits on the endpoint; no CPU of its own
@@ -60,13 +64,16 @@ class ChatPage:
         # Built in the replica: a Gradio app holds threads and locks that do not pickle.
         from fastapi import FastAPI
 
+        from attune.feedback import FeedbackStore
         from attune.ui.page import build_page, mount_page
 
         key_file = self.args.api_key_file
         api_key = (Path(key_file).read_text().split()[0]
                    if key_file and Path(key_file).is_file() else None)
+        feedback = FeedbackStore(self.args.feedback_db) if self.args.feedback else None
         page = build_page(self.args.endpoint, model=self.args.model, api_key=api_key,
-                          compare_model=self.args.compare_model, title=self.args.title)
+                          compare_model=self.args.compare_model, title=self.args.title,
+                          feedback=feedback)
         return mount_page(FastAPI(), page, login=self.login)
 
 
