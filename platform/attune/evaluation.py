@@ -84,7 +84,8 @@ def _first_exchange(record) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def _local_copy(location: str):
-    """The entry as a local directory: itself, or a temporary copy of one in an object store."""
+    """The entry as a local directory: itself, or a temporary copy of one in an object store
+    (not modeling's per-node cache: an entry trained again under its name is scored anew)."""
     if "://" not in location:
         yield str(Path(location).expanduser())
         return
