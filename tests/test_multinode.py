@@ -109,17 +109,20 @@ def test_finetune_job_of_the_gpu_overlay_keeps_everything_in_the_bucket(gpu_entr
 
 
 def test_tune_job_spreads_trials_over_both_worker_nodes(multinode, jobs, stores):
-    before = len(nodes_that_ran(multinode, "RayTrainWorker"))
+    before = {a["actor_id"] for a in multinode.list_state("actors")}
     entrypoint = jobs["cpu"]["attune-tune"]["spec"]["entrypoint"] + (
         " num_samples=2 scheduler.type=fifo budget.max_concurrent_trials=2"
-        " optim.max_steps=24 eval.every_steps=8 checkpoint.every_steps=24"
+        # long enough that the second trial starts while the first still trains
+        " optim.max_steps=150 eval.every_steps=50 checkpoint.every_steps=150"
         # a trial's worker takes most of a node: two at a time need both nodes
         f" scaling.cpus_per_worker={CPUS_PER_NODE - 2}")
     logs = multinode.submit(entrypoint, ATTUNE_STORE=stores["cpu"])
     entry = f"{stores['cpu']}/registry/tiny-full-asha"
     assert f"registry entry: {entry}" in logs
     assert registry.read_manifest(entry)["tune"]["best"] is True
-    trials = nodes_that_ran(multinode, "RayTrainWorker")[before:]
+    names = multinode.node_names()
+    trials = [names.get(a["node_id"], "?") for a in multinode.list_state("actors")
+              if a["class_name"].startswith("RayTrainWorker") and a["actor_id"] not in before]
     assert sorted(set(trials)) == ["worker-1", "worker-2"], trials
 
 

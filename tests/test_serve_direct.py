@@ -132,7 +132,7 @@ def test_direct_engine_waits_for_its_worker_without_spinning(direct_endpoint, di
         if time.monotonic() > deadline:
             break
         time.sleep(2)
-    assert wanted <= said, said
+    assert wanted <= said, (said, _lines_that_say(direct_head, "queue waits sleep"))
 
 
 def _processes_that_said(head, phrase: str) -> set[str]:
@@ -141,6 +141,14 @@ def _processes_that_said(head, phrase: str) -> set[str]:
     return {line.split(" pid=")[0] for log in logs
             for line in log.read_text(errors="replace").splitlines()
             if phrase in line and " pid=" in line}
+
+
+def _lines_that_say(head, phrase: str) -> list[str]:
+    """Every line of the cluster's log files that holds the phrase, with its file: what the
+    assertion above shows when the processes it wants are not among them."""
+    return [f"{log.name}: {line}" for log in Path(head.temp_dir).glob("session_2*/logs/**/*")
+            if log.is_file() for line in log.read_text(errors="replace").splitlines()
+            if phrase in line]
 
 
 @pytest.mark.parametrize("path, bad", bad_requests("unknown adapter"))
