@@ -9,6 +9,7 @@ import shutil
 import subprocess
 
 import pytest
+from mlflow import MlflowClient
 from running import ATTUNE, REPO
 
 from attune.answers import exact_match, greedy_answers, load_for_generation, qa_pairs
@@ -56,6 +57,10 @@ def test_eval_scores_an_entry_and_promote_requires_them(tiny_full_entry, tmp_pat
     assert scores["exact_match"] == expected
     assert scores["eval_loss"] == pytest.approx(manifest["final_metrics"]["eval_loss"], rel=1e-3)
     assert manifest["eval"]["examples"] == len(pairs)
+    # and beside the training run's metrics in MLflow
+    tracked = MlflowClient(manifest["mlflow"]["tracking_uri"]).get_run(manifest["mlflow"]["run_id"])
+    assert tracked.data.metrics["eval/exact_match"] == scores["exact_match"]
+    assert tracked.data.metrics["eval/eval_loss"] == pytest.approx(scores["eval_loss"])
 
     config = tmp_path / "serve.yaml"
     shutil.copy(REPO / "deployments" / "tiny.yaml", config)

@@ -5,15 +5,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 from ray import tune
 
 from attune.config import ConfigError
 from attune.registry import read_manifest
+from attune.tracking import ENTRY_TAG, SEARCH_TAG, TRIAL_TAG
 from attune.tune.config import load_search
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +111,27 @@ def test_asha_stops_trials_early_and_the_best_trial_becomes_the_entry(asha_searc
     assert (out / "curves.png").stat().st_size > 0
     assert len(list((out / "curves").glob("*.png"))) == 6
     assert "stopped early" in asha_search.table
+
+
+@pytest.mark.slow
+def test_each_trial_is_an_mlflow_run_and_the_best_ones_links_the_entry(asha_search):
+    manifest = read_manifest(asha_search.entry)
+    client = MlflowClient(manifest["mlflow"]["tracking_uri"])
+    experiment = client.get_experiment_by_name(manifest["mlflow"]["experiment"])
+    runs = {r.data.tags[TRIAL_TAG]: r for r in client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{SEARCH_TAG}` = 'test-asha'")}
+    assert sorted(runs) == sorted(r.trial for r in asha_search.rows)
+    for row in asha_search.rows:
+        run = runs[row.trial]
+        # the trial's whole recipe, its sampled value included, and its reports at their steps
+        assert json.loads(run.data.params["optim.lr"]) == row.params["optim.lr"]
+        assert run.data.params["optim.max_steps"] == "30"
+        evals = client.get_metric_history(run.info.run_id, "eval_loss")
+        assert max(m.step for m in evals) == row.steps
+        assert run.info.status == "FINISHED"
+    best = runs[asha_search.best.trial]
+    assert manifest["mlflow"]["run_id"] == best.info.run_id
+    assert best.data.tags[ENTRY_TAG] == asha_search.entry
 
 
 @pytest.mark.slow

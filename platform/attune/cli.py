@@ -25,6 +25,7 @@ COMMANDS = {
     "answers": "answers",
     "serve": "serve",
     "models": "models",
+    "runs": "runs",
     "eval": "eval",
     "promote": "promote",
     "k8s": "k8s",

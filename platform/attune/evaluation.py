@@ -25,6 +25,7 @@ from attune import data
 from attune.config import ConfigError
 from attune.registry import read_manifest, update_manifest
 from attune.store import filesystem
+from attune.tracking import log_scores
 
 COMPARISONS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt,
                "==": operator.eq}
@@ -54,7 +55,8 @@ def evaluate(location: str, data_file: str, data_format: str = "messages",
     record = {"scores": scores, "data": data_file, "data_sha256": data.files_hash([data_file]),
               "examples": len(records),
               "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    update_manifest(location, {"eval": record})
+    manifest = update_manifest(location, {"eval": record})
+    log_scores(manifest, scores)  # as eval/<score>, beside its run's training metrics
     return record
 
 

@@ -174,6 +174,17 @@ class OutputConfig(StrictConfig):
                       "again with the same name resumes from here. Default: $ATTUNE_HOME/runs.")
 
 
+class TrackingConfig(StrictConfig):
+    mlflow: bool = Field(True, description="Track the run in MLflow: the recipe as parameters, "
+                         "each report's metrics, the loss curve, a link to the registry entry "
+                         "(whose manifest records the run id). A search tracks each trial.")
+    uri: str | None = Field(None, description="MLflow tracking URI: a server (http://...) or a "
+                            "database (sqlite:///..., postgresql://...). Default: "
+                            "$MLFLOW_TRACKING_URI, else sqlite under $ATTUNE_HOME/mlflow on the "
+                            "driver's node.")
+    experiment: str = Field("attune", description="The MLflow experiment runs are filed under.")
+
+
 class Recipe(StrictConfig):
     name: str = Field(description="Run and registry-entry name.", pattern=r"^[A-Za-z0-9._-]+$")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
@@ -187,6 +198,8 @@ class Recipe(StrictConfig):
                                  description="Memory machinery for large models.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and logging.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig,
+                                     description="Experiment tracking (MLflow).")
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "Recipe":

@@ -35,6 +35,7 @@ from attune.preflight import check_memory, check_recipe
 from attune.prepare import PreparedData, prepare_data
 from attune.recipe import Recipe
 from attune.store import say_if_maybe_node_local
+from attune.tracking import train_run
 
 
 def steps_per_epoch(recipe: Recipe, rows: int) -> int:
@@ -175,9 +176,13 @@ def fine_tune(recipe: Recipe) -> str:
     print(f"[attune] data: {s['train_examples']} examples -> {s['train_rows']} rows of "
           f"{recipe.data.max_seq_len} tokens ({s['fill']:.1%} filled), {s['eval_examples']} for eval",
           flush=True)
-    with _ctrl_c_given_back():
-        result = make_trainer(recipe, prepared).fit()  # [8] run it, restarts included
-    return write_result(recipe, result, base_path, prepared)
+    with train_run(recipe) as tracked:  # MLflow: the recipe now, the metrics at each report
+        with _ctrl_c_given_back():
+            # [8] run it, restarts included
+            result = make_trainer(recipe, prepared, callbacks=tracked.callbacks).fit()
+        entry = write_result(recipe, result, base_path, prepared, extra=tracked.manifest_fields)
+        tracked.finish(entry)
+    return entry
 
 
 @contextmanager

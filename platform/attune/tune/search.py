@@ -44,6 +44,7 @@ from attune.preflight import check_recipe
 from attune.prepare import prepare_data
 from attune.recipe import Recipe
 from attune.store import say_if_maybe_node_local
+from attune.tracking import TrialsToMlflow, link_entry, reference, trial_run_id, tracking_uri
 from attune.trainer import check_workers_fit, storage_uri, write_result
 from attune.tune.config import SearchConfig, pbt_interval, trial_recipe
 from attune.tune.results import TrialRow, best_row, format_table, trial_rows, write_results
@@ -88,6 +89,8 @@ def run_search(search: SearchConfig, recipe_raw: dict, callbacks: list | None = 
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
+        if recipe.tracking.mlflow:  # each trial an MLflow run, logged from this driver
+            callbacks = [*(callbacks or []), TrialsToMlflow(recipe_raw, search.name)]
         tuner = _new_tuner(search, recipe, trainable, concurrency, storage, callbacks)
         _write_text(f"{experiment_path}/{SEARCH_FILE}", _search_record(search, recipe_raw))
     before, started = _placement_groups(), time.monotonic()
@@ -290,5 +293,11 @@ def _write_best(search, recipe_raw, best: TrialRow, result, base_path, prepared,
                       "trial": best.trial, "params": best.params, "metric": search.metric,
                       "mode": search.mode, "value": best.final, "trials": num_trials,
                       "search": search.model_dump(mode="json")}}
-    return write_result(recipe, dataclasses.replace(result, checkpoint=checkpoint), base_path,
-                        prepared, extra=extra)
+    run_id = trial_run_id(recipe.tracking, best.trial) if recipe.tracking.mlflow else None
+    if run_id:
+        extra["mlflow"] = reference(tracking_uri(recipe.tracking), recipe.tracking.experiment, run_id)
+    entry = write_result(recipe, dataclasses.replace(result, checkpoint=checkpoint), base_path,
+                         prepared, extra=extra)
+    if run_id:
+        link_entry(recipe.tracking, run_id, entry)
+    return entry

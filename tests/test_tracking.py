@@ -1,0 +1,68 @@
+"""Experiment tracking: a training run is an MLflow run with its recipe as parameters, every
+report's metrics at its step, its loss curve and its registry entry, which records the run; a
+search's trials are MLflow runs too (tests/test_tune.py); `attune runs` lists them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from mlflow import MlflowClient
+from running import ATTUNE, REPO
+
+from attune.recipe import Recipe, TrackingConfig
+from attune.registry import read_manifest
+from attune.tracking import ENTRY_TAG, ReportsToMlflow, recipe_params, tracking_uri
+
+
+def test_the_recipe_becomes_dotted_parameters_as_overrides_name_them():
+    params = recipe_params(Recipe(name="r", optim={"max_steps": 50, "lr": 3e-4}).model_dump(mode="json"))
+    assert params["optim.lr"] == "0.0003" and params["optim.max_steps"] == "50"
+    assert params["data.train_files"] == '["data/transformer_qa.jsonl"]'
+    assert params["model.name_or_path"] == "attune:tiny-llama"
+    assert params["tracking.uri"] == "null"
+
+
+def test_the_store_is_the_recipes_uri_else_mlflows_variable_else_attunes_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTUNE_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path}/mlflow/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(TrackingConfig()) == "http://127.0.0.1:5000"
+    assert tracking_uri(TrackingConfig(uri="sqlite:///x.db")) == "sqlite:///x.db"
+
+
+def test_a_tracking_server_that_is_down_warns_once_and_training_goes_on(monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    reports = ReportsToMlflow("http://127.0.0.1:9", "0" * 32)  # port 9: nothing listens
+    for step in (1, 2):
+        reports.after_report(None, [{"step": step, "loss": 1.0}], None)  # raises nothing
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "MLflow" in line]
+    assert len(warnings) == 1 and "did not take the metrics of step 1" in warnings[0]
+
+
+@pytest.mark.slow
+def test_a_training_run_is_tracked_with_its_recipe_metrics_curve_and_entry(tiny_full_entry):
+    manifest = read_manifest(tiny_full_entry)
+    tracked = manifest["mlflow"]
+    client = MlflowClient(tracked["tracking_uri"])
+    run = client.get_run(tracked["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny-full"
+    recipe = manifest["recipe"]
+    assert run.data.params["optim.lr"] == json.dumps(recipe["optim"]["lr"])
+    assert run.data.params["scaling.num_workers"] == "2"
+    assert run.data.tags[ENTRY_TAG] == tiny_full_entry
+    # every report of rank 0 at its training step, as the entry's history has them
+    history = manifest["history"]
+    for metric in ("loss", "eval_loss", "lr"):
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric))
+        assert logged == [(h["step"], pytest.approx(h[metric])) for h in history], metric
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["loss_curve.png"]
+
+    listed = subprocess.run([*ATTUNE, "runs"], cwd=REPO, capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    line = next(line for line in listed.stdout.splitlines() if line.startswith(run.info.run_id[:8]))
+    assert "tiny-full" in line and "FINISHED" in line and line.endswith(tiny_full_entry)
+    assert f"{history[-1]['eval_loss']:.4f}" in line
