@@ -5,12 +5,20 @@ search's trials are MLflow runs too (tests/test_tune.py); `attune runs` lists th
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
+from conftest import stop_group
 from mlflow import MlflowClient
 from running import ATTUNE, REPO
 
+from attune.cluster import free_port
 from attune.recipe import Recipe, TrackingConfig
 from attune.registry import read_manifest
 from attune.tracking import ENTRY_TAG, ReportsToMlflow, recipe_params, tracking_uri
@@ -66,3 +74,35 @@ def test_a_training_run_is_tracked_with_its_recipe_metrics_curve_and_entry(tiny_
     line = next(line for line in listed.stdout.splitlines() if line.startswith(run.info.run_id[:8]))
     assert "tiny-full" in line and "FINISHED" in line and line.endswith(tiny_full_entry)
     assert f"{history[-1]['eval_loss']:.4f}" in line
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_the_run_with_its_entry(tiny_full_entry, tmp_path):
+    tracked = read_manifest(tiny_full_entry)["mlflow"]
+    port = free_port()
+    with open(tmp_path / "mlflow.log", "w") as log:
+        ui = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "ui", "--port", str(port),
+                               "--backend-store-uri", tracked["tracking_uri"]],
+                              cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        runs = _searched_runs(f"http://127.0.0.1:{port}", ui, tmp_path / "mlflow.log")
+    finally:
+        stop_group(ui, signal.SIGTERM, timeout=30)
+    run = next(r for r in runs if r["info"]["run_id"] == tracked["run_id"])
+    assert {"key": ENTRY_TAG, "value": tiny_full_entry} in run["data"]["tags"]
+
+
+def _searched_runs(server: str, proc, log: Path, timeout: float = 120) -> list[dict]:
+    """Every run of the server's experiments, once it answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            body = json.dumps({"experiment_ids": ["0", "1"], "max_results": 100}).encode()
+            request = urllib.request.Request(f"{server}/api/2.0/mlflow/runs/search", body,
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.loads(response.read())["runs"]
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow ui did not answer:\n{log.read_text()[-2000:]}")
+            time.sleep(1)

@@ -20,7 +20,7 @@ VERBOSE_ENV = "ATTUNE_VERBOSE"
 # What a worker's line must hold to reach a quiet console.
 SHOWN = ("[attune]", "WARNING", "ERROR", "CRITICAL", "Traceback", "Error")
 # Loggers of this process that speak at INFO on every request or step.
-CHATTY = ("ray", "ray.serve", "httpx", "vllm", "gradio", "uvicorn.access")
+CHATTY = ("ray", "ray.serve", "httpx", "vllm", "gradio", "uvicorn.access", "mlflow")
 
 
 def verbose() -> bool:

@@ -22,7 +22,7 @@ def run(args) -> int:
 
     uri = tracking_uri(TrackingConfig(uri=args.uri, experiment=args.experiment))
     rows = list_runs(uri, args.experiment, args.limit)
-    print(f"[attune] {len(rows)} runs of experiment {args.experiment!r} in {uri}")
+    print(f"[attune] experiment {args.experiment!r} in {uri}: {len(rows)} runs, newest first")
     if not rows:
         return 0
     header = f"{'run':<10} {'name':<22} {'status':<9} {'started':<16} {'loss':>8} {'eval_loss':>9}  entry"

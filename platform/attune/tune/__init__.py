@@ -8,4 +8,5 @@ space.py    ranges such as loguniform(1e-5, 1e-2), checked against the recipe
 trial.py    one trial: Train runs of the recipe with the trial's values
 search.py   the Tuner, its scheduler and searcher, resuming, the best trial's entry
 results.py  the table of trials, trials.csv and the eval-loss curves
+tracking.py each trial an MLflow run (Ray Tune's MLflowLoggerCallback)
 """

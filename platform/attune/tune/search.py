@@ -44,10 +44,11 @@ from attune.preflight import check_recipe
 from attune.prepare import prepare_data
 from attune.recipe import Recipe
 from attune.store import say_if_maybe_node_local
-from attune.tracking import TrialsToMlflow, link_entry, reference, trial_run_id, tracking_uri
+from attune.tracking import link_entry, reference, tracking_uri
 from attune.trainer import check_workers_fit, storage_uri, write_result
 from attune.tune.config import SearchConfig, pbt_interval, trial_recipe
 from attune.tune.results import TrialRow, best_row, format_table, trial_rows, write_results
+from attune.tune.tracking import TrialsToMlflow, trial_run_id
 from attune.tune.trial import run_trial, run_trial_in_stretches
 
 # The trial actor only drives its Train run (whose workers reserve their own resources); Ray's
