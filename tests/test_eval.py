@@ -21,6 +21,7 @@ from attune.registry import read_manifest
 def test_requirements_are_parsed_and_bad_ones_named():
     assert parse_requirement("exact_match>=0.9") == ("exact_match", ">=", 0.9)
     assert parse_requirement(" eval_loss < 1e-1 ") == ("eval_loss", "<", 0.1)
+    assert parse_requirement("attune_qa.exact_match>=0.5") == ("attune_qa.exact_match", ">=", 0.5)
     with pytest.raises(ConfigError, match="'exact_match=>0.9': expected SCORE OP NUMBER"):
         parse_requirement("exact_match=>0.9")
 
@@ -80,3 +81,18 @@ def test_eval_scores_an_entry_and_promote_requires_them(tiny_full_entry, tmp_pat
     assert promoted.returncode == 0, promoted.stderr
     assert f"added tiny-full to {config}" in promoted.stdout
     assert str(entry) in json.dumps(config.read_text())
+
+
+def test_the_local_harness_task_is_one_lm_evaluation_harness_loads(tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    from attune.harness import LOCAL_TASK, _scores, local_task
+
+    local_task(tmp_path, [("What is 2+2?", "4"), ("Capital of France?", "Paris")])
+    task = TaskManager(include_path=str(tmp_path)).load_task_or_group([LOCAL_TASK])[LOCAL_TASK]
+    docs = list(task.test_docs())
+    assert [task.doc_to_text(d) for d in docs] == ["What is 2+2?", "Capital of France?"]
+    assert [task.doc_to_target(d) for d in docs] == ["4", "Paris"]
+    assert _scores({LOCAL_TASK: {"alias": LOCAL_TASK, "exact_match,strip": 0.5,
+                                 "exact_match_stderr,strip": 0.1,
+                                 "sample_len": 2}}) == {"attune_qa.exact_match": 0.5}

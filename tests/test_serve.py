@@ -7,7 +7,9 @@ Tests that break things (killing a replica) run last in this file.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import pytest
 from openai import OpenAI
+from running import ATTUNE, REPO
 
 from attune.answers import exact_match, greedy_answers, load_for_generation, qa_pairs
+from attune.registry import read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -268,6 +272,31 @@ def test_every_deployment_yaml_loads_through_serve_schema_and_builder(served_end
         for app in schema.applications:
             if app.import_path == "attune.serve:build_app":
                 validate(ServeConfig, app.args, str(path))
+
+
+def test_eval_runs_lm_evaluation_harness_against_the_served_entry(served_endpoint, tiny_full_entry,
+                                                                   tmp_path):
+    """`attune eval --endpoint`: the harness's own runner asks the served model each question over
+    the chat API and scores it as attune scores its greedy answers in torch. Half the expected
+    answers are wrong, so both must find the same half."""
+    entry = tmp_path / "tiny-full"
+    shutil.copytree(tiny_full_entry, entry)
+    pairs = QUESTIONS[:12]
+    held_out = tmp_path / "qa.jsonl"
+    held_out.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": q},
+        {"role": "assistant", "content": a if i % 2 else f"not {a}"}]}) + "\n"
+        for i, (q, a) in enumerate(pairs)))
+    scored = subprocess.run(
+        [*ATTUNE, "eval", str(entry), "--data", str(held_out), "--endpoint", served_endpoint.base_url,
+         "--model", served_endpoint.finetuned_model_id, "--tasks", "attune_qa"],
+        cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "ATTUNE_API_KEY": served_endpoint.api_key})
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    scores = read_manifest(str(entry))["eval"]["scores"]
+    assert scores["attune_qa.exact_match"] == scores["exact_match"], scores
+    assert 0.25 <= scores["exact_match"] <= 0.5, scores  # the model answers its own questions right
+    assert f"attune_qa.exact_match {scores['exact_match']:.4f}" in scored.stdout
 
 
 def test_a_second_app_on_another_port_is_refused_and_the_first_keeps_serving(served_endpoint):

@@ -6,7 +6,8 @@ promotion on them.
 
 Scores: `eval_loss`, the mean next-token loss over the answers' tokens, counted as training's
 evaluation counts it (the recipe's rows, the same labels); `exact_match`, the share of greedy
-answers to each chat's first question equal to its first answer.
+answers to each chat's first question equal to its first answer; with the entry served,
+`<task>.<metric>` of lm-evaluation-harness's tasks run against its endpoint (attune.harness).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import operator
 import re
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,19 +25,29 @@ import pyarrow.fs as pafs
 
 from attune import data
 from attune.config import ConfigError
+from attune.harness import harness_scores
 from attune.registry import read_manifest, update_manifest
 from attune.store import filesystem
 from attune.tracking import log_scores
 
 COMPARISONS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt,
                "==": operator.eq}
-REQUIREMENT = re.compile(r"^\s*([A-Za-z_]+)\s*(>=|<=|==|>|<)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*$")
+REQUIREMENT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(>=|<=|==|>|<)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*$")
+
+
+@dataclass
+class Served:
+    """Where the entry is served, for lm-evaluation-harness's tasks."""
+    base_url: str  # ends in /v1
+    api_key: str
+    model: str  # the entry's model id there
+    tasks: list[str]
 
 
 def evaluate(location: str, data_file: str, data_format: str = "messages",
-             batch_size: int = 16) -> dict:
-    """Score the entry at `location` on `data_file` and write the scores into its manifest as
-    `eval`; returns that record."""
+             batch_size: int = 16, served: Served | None = None) -> dict:
+    """Score the entry at `location` on `data_file` (and, where it is `served`, with the harness's
+    tasks) and write the scores into its manifest as `eval`; returns that record."""
     records = data.read_records([data_file], data_format)  # a bad line names its file and line
     recipe = read_manifest(location)["recipe"]
     with _local_copy(location) as path:
@@ -52,6 +64,9 @@ def evaluate(location: str, data_file: str, data_format: str = "messages",
             answers = greedy_answers(model, tokenizer, [q for q, _ in pairs],
                                      max_new_tokens=longest + 8)
             scores["exact_match"] = exact_match(answers, expected)
+    if served:
+        scores.update(harness_scores(served.base_url, served.api_key, served.model, pairs,
+                                     served.tasks))
     record = {"scores": scores, "data": data_file, "data_sha256": data.files_hash([data_file]),
               "examples": len(records),
               "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
