@@ -317,6 +317,7 @@ def test_a_corrected_answer_trains_the_next_model_which_the_page_compares(
     from ray import serve
 
     from attune.feedback import FeedbackStore
+    from attune.registry import read_manifest
     from attune.serve.config import config_from_file
     from attune.serve.local import run as deploy
     from attune.ui import build_page, launch_page
@@ -379,6 +380,10 @@ def test_a_corrected_answer_trains_the_next_model_which_the_page_compares(
         tab.locator("#compare input").check()
         tab.click("#refresh-models")
         pick_model(tab, "#model-b", "tiny-feedback")
+        # its `attune eval` scores beside the pickers, from its model card
+        scores = read_manifest(entry)["eval"]["scores"]
+        expect(tab.locator("#endpoint-status")).to_contain_text(
+            f"tiny-feedback: eval_loss {scores['eval_loss']:.4g} · exact_match {scores['exact_match']:.4g}")
         ask(tab, question)
         for panel in ("#chat-a", "#chat-b"):
             expect(last_answer(tab, panel)).to_contain_text(STATS)

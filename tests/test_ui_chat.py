@@ -14,7 +14,7 @@ import pytest
 
 from attune.ui.chat import GenerationSettings, Stats, Turn, messages_for, stream_reply
 from attune.ui.compare import side_by_side
-from attune.ui.endpoint import list_models, make_client
+from attune.ui.endpoint import describe_scores, list_models, make_client
 from attune.ui.passwords import add_user, read_users_file, verify_password
 from attune.ui.users import UsersError, page_login
 
@@ -140,9 +140,14 @@ def test_server_error_message_reaches_the_chat(fake):
 
 def test_model_list_is_sorted_and_fresh(fake):
     client = make_client(fake.base_url)
-    assert list_models(client) == ["base", "tuned"]
+    assert list_models(client) == {"base": {}, "tuned": {}}
     fake.models = ("tuned", "promoted", "base")
-    assert list_models(client) == ["base", "promoted", "tuned"]
+    assert list(list_models(client)) == ["base", "promoted", "tuned"]
+
+
+def test_scores_are_shown_for_the_models_that_have_them():
+    listed = {"base": {}, "tuned": {"exact_match": 0.98, "eval_loss": 0.01234567}}
+    assert describe_scores(listed) == "- `tuned`: eval_loss 0.01235 · exact_match 0.98"
 
 
 def test_side_by_side_yields_both_answers_until_both_end(fake):

@@ -25,7 +25,8 @@ from attune.serve.ingress import (
     add_openai_error_handler,
     use_plain_asgi_errors,
 )
-from attune.serve.llm_config import REPLICA_ENV, adapters_path, llm_configs, logging_config
+from attune.serve.llm_config import (REPLICA_ENV, SCORES, adapters_path, entry_scores, llm_configs,
+                                     logging_config)
 from attune.serve.request_body import BodyCheckMiddleware
 from attune.serve.server import LLMServer
 
@@ -46,6 +47,7 @@ def openai_app(configs: list[LLMConfig], config: ServeConfig) -> Application:
     Ray's builder creates its FastAPI app internally; these lines are its own steps with the
     app handed in, so the middleware wraps every route (Ray 2.60's internals, pinned).
     """
+    scores = entry_scores(config)
     app = init()
     use_plain_asgi_errors(app)
     app.add_middleware(BodyCheckMiddleware)  # each added middleware wraps those added before
@@ -69,7 +71,9 @@ def openai_app(configs: list[LLMConfig], config: ServeConfig) -> Application:
     return serve.deployment(ingress, **options).bind(
         llm_deployments={c.model_id: build_llm_deployment(c, deployment_cls=LLMServer)
                          for c in configs},
-        model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
+        model_cards={c.model_id: to_model_metadata(
+            c.model_id, c, overrides={SCORES: scores[c.model_id]} if c.model_id in scores else None)
+            for c in configs},
         lora_paths={spec.id: adapters_path(config, spec)
                     for spec in config.base_models if config.lora_store},
     )

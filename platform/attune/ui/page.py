@@ -2,7 +2,8 @@
 
     page = build_page("http://127.0.0.1:8000/v1", model="tiny-full"); page.launch()
 
-Left: model picker (filled from /v1/models, ↻ to refresh), compare mode, system prompt and
+Left: model picker (filled from /v1/models, ↻ to refresh; `attune eval`'s scores of the models
+that have them), compare mode, system prompt and
 sampling parameters. Right: one chat panel, or two side by side in compare mode, each answer
 followed by its time to first token, tokens/s and token count. The conversation of each panel
 lives in a server-side gr.State as `Turn`s; the Chatbot only shows it. With a feedback store,
@@ -20,7 +21,7 @@ from attune.feedback import FeedbackStore
 from attune.ui.chat import GenerationSettings, Reply, Turn, messages_for, stream_reply
 from attune.ui import feedback as page_feedback
 from attune.ui.compare import side_by_side
-from attune.ui.endpoint import describe_error, list_models, make_client
+from attune.ui.endpoint import describe_error, describe_scores, list_models, make_client
 from attune.ui.users import Login, page_login
 
 EXAMPLE_QUESTIONS = ["How many layers does BERT-base have?", "What is the hidden size of BERT-base?",
@@ -41,12 +42,15 @@ def build_page(endpoint: str, *, model: str | None = None, compare_model: str | 
 
     def refresh_models(current_a: str | None, current_b: str | None):
         try:
-            models = list_models(client)
+            listed = list_models(client)
         except Exception as e:  # an unreachable endpoint is a status line, not a crash
             return gr.update(), gr.update(), f"⚠️ {describe_error(e, endpoint)}"
+        models = list(listed)
         first = _pick(models, current_a, model)
         second = _pick([m for m in models if m != first] or models, current_b, compare_model)
         status = f"{len(models)} model{'s' if len(models) != 1 else ''} at `{endpoint}`"
+        if scores := describe_scores(listed):  # `attune eval`'s, beside the pickers
+            status += f"\n\nScores:\n{scores}"
         return (gr.update(choices=models, value=first), gr.update(choices=models, value=second), status)
 
     def respond(message, turns_a, turns_b, model_a, model_b, compare, *params):
