@@ -96,3 +96,10 @@ def test_the_local_harness_task_is_one_lm_evaluation_harness_loads(tmp_path):
     assert _scores({LOCAL_TASK: {"alias": LOCAL_TASK, "exact_match,strip": 0.5,
                                  "exact_match_stderr,strip": 0.1,
                                  "sample_len": 2}}) == {"attune_qa.exact_match": 0.5}
+
+
+def test_a_task_the_harness_does_not_know_is_refused_before_any_request():
+    from attune.harness import harness_scores
+
+    with pytest.raises(ConfigError, match="no such lm-evaluation-harness task: arc_eazy"):
+        harness_scores("http://127.0.0.1:9/v1", "key", "m", [("q", "a")], ["attune_qa", "arc_eazy"])
