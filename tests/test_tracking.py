@@ -21,7 +21,7 @@ from running import ATTUNE, REPO
 from attune.cluster import free_port
 from attune.recipe import Recipe, TrackingConfig
 from attune.registry import read_manifest
-from attune.tracking import ENTRY_TAG, ReportsToMlflow, recipe_params, tracking_uri
+from attune.tracking import ENTRY_TAG, ReportsToMlflow, recipe_params, tracking_uri, train_run
 
 
 def test_the_recipe_becomes_dotted_parameters_as_overrides_name_them():
@@ -49,6 +49,27 @@ def test_a_tracking_server_that_is_down_warns_once_and_training_goes_on(monkeypa
         reports.after_report(None, [{"step": step, "loss": 1.0}], None)  # raises nothing
     warnings = [line for line in capsys.readouterr().err.splitlines() if "MLflow" in line]
     assert len(warnings) == 1 and "did not take the metrics of step 1" in warnings[0]
+
+
+def test_a_resumed_run_holds_the_whole_history_each_step_once(tmp_path):
+    """A run resumed from its checkpoint reports only what comes after it (and its last step
+    again); the entry's history has every step, and so does the run once it ends."""
+    recipe = Recipe(name="resumed", optim={"max_steps": 30},
+                    tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "resumed"})
+    history = [{"step": s, "loss": 1.0 / s, "lr": 1e-3} for s in (10, 20, 30)]
+    entry = tmp_path / "resumed"
+    entry.mkdir()
+    (entry / "attune.json").write_text(json.dumps({"history": history}))
+    with train_run(recipe) as run:
+        (reports,) = run.callbacks
+        for report in (history[1], history[1], history[2]):  # the checkpoint's step comes again
+            reports.after_report(None, [report], None)
+        run.finish(str(entry))
+    client = MlflowClient(run.uri)
+    assert client.get_run(run.run_id).info.status == "FINISHED"
+    for metric in ("loss", "lr"):
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(run.run_id, metric))
+        assert logged == [(h["step"], h[metric]) for h in history]
 
 
 @pytest.mark.slow

@@ -108,20 +108,30 @@ class ReportsToMlflow(UserCallback):
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
+        self._logged: set[int] = set()
         self._failed = False
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        rank0 = metrics[0]
-        now = int(time.time() * 1000)
-        step = int(rank0.get("step", 0))
+        step = int(metrics[0].get("step", 0))
+        if step in self._logged:  # a restarted worker group reports its checkpoint's metrics again
+            return
         try:
-            mlflow_client(self.uri).log_batch(self.run_id, metrics=[
-                Metric(k, v, now, step) for k, v in _numeric(rank0).items() if k != "step"])
+            log_metrics(mlflow_client(self.uri), self.run_id, [metrics[0]])
+            self._logged.add(step)
         except Exception as e:  # a tracking server's outage must not stop the training
             if not self._failed:
                 print(f"[attune] warning: MLflow at {self.uri} did not take the metrics of step "
                       f"{step} ({e}); training goes on", file=sys.stderr, flush=True)
             self._failed = True
+
+
+def log_metrics(client: MlflowClient, run_id: str, reports: list[dict]) -> None:
+    """Each report's numeric metrics at its `step`."""
+    now = int(time.time() * 1000)
+    items = [Metric(k, v, now, int(report.get("step", 0)))
+             for report in reports for k, v in _numeric(report).items() if k != "step"]
+    for start in range(0, len(items), 1000):  # MLflow takes at most 1,000 metrics a call
+        client.log_batch(run_id, metrics=items[start:start + 1000])
 
 
 class TrainRun:
@@ -140,12 +150,17 @@ class TrainRun:
         self.manifest_fields = {"mlflow": reference(self.uri, self.experiment, self.run_id)}
 
     def finish(self, entry: str) -> None:
-        """Link the run to its registry entry and attach the entry's loss curve."""
+        """Link the run to its registry entry, attach the entry's loss curve, and log the reports
+        this run did not see: those before a resume (the checkpoint's history), or ones a tracking
+        server's outage lost."""
         client = mlflow_client(self.uri)
         client.set_tag(self.run_id, ENTRY_TAG, entry)
+        history = read_manifest(entry)["history"]
+        seen = {m.step for m in client.get_metric_history(self.run_id, "loss")}
+        log_metrics(client, self.run_id, [h for h in history if h["step"] not in seen])
         with tempfile.TemporaryDirectory(prefix="attune-mlflow-") as tmp:
             curve = Path(tmp, "loss_curve.png")
-            plot_losses(read_manifest(entry)["history"], curve, title=Path(entry).name)
+            plot_losses(history, curve, title=Path(entry).name)
             client.log_artifact(self.run_id, str(curve))
 
     def end(self, status: str) -> None:
