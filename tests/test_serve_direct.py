@@ -16,6 +16,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from conftest import API_KEY, ServedEndpoint, ray_start_head, stop_group
@@ -31,6 +32,7 @@ from test_serve import (
 
 from attune.answers import exact_match
 from attune.cluster import free_port
+from attune.serve.vllm_plugin import CPU_EXECUTOR_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -122,33 +124,59 @@ def test_direct_endpoint_serves_vllms_engine_metrics_behind_the_key(direct_endpo
     assert generated and float(generated[0].rsplit(" ", 1)[1]) >= 3, generated
 
 
-def test_direct_engine_waits_for_its_worker_without_spinning(direct_endpoint, direct_head):
+def test_direct_engine_waits_for_its_worker_without_spinning(direct_endpoint):
     """With the model in a worker process (engine.cpu_executor: mp), attune's vLLM plugin is on
-    in the engine core and the worker: their own log lines, which Ray keeps with the replica's
-    worker logs, say so."""
+    in the engine core and the worker: each says so in its own output, read from wherever its
+    stdout and stderr go (Ray's log files of the replica that started it)."""
     wanted = {"(EngineCore", "(VllmWorker-0"}
     deadline = time.monotonic() + 120  # a loaded machine may write the worker's line late
-    while not wanted <= (said := _processes_that_said(direct_head, "queue waits sleep 20 us")):
+    while not wanted <= (said := set(_plugin_lines(PLUGIN_PHRASE))):
         if time.monotonic() > deadline:
             break
         time.sleep(2)
-    assert wanted <= said, (said, _lines_that_say(direct_head, "queue waits sleep"))
+    assert wanted <= said, _where_engines_write()
 
 
-def _processes_that_said(head, phrase: str) -> set[str]:
-    """The '(Process' prefixes of the cluster's worker log lines that hold the phrase."""
-    logs = Path(head.temp_dir).glob("session_*/logs/worker-*")
-    return {line.split(" pid=")[0] for log in logs
-            for line in log.read_text(errors="replace").splitlines()
-            if phrase in line and " pid=" in line}
+PLUGIN_PHRASE = "queue waits sleep 20 us"
 
 
-def _lines_that_say(head, phrase: str) -> list[str]:
-    """Every line of the cluster's log files that holds the phrase, with its file: what the
-    assertion above shows when the processes it wants are not among them."""
-    return [f"{log.name}: {line}" for log in Path(head.temp_dir).glob("session_2*/logs/**/*")
-            if log.is_file() for line in log.read_text(errors="replace").splitlines()
-            if phrase in line]
+def _direct_engines() -> list[psutil.Process]:
+    """This machine's vLLM processes with the model in a worker process: only the direct app
+    runs its engine so (the session's apps keep the model in the engine process)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if ((proc.info["cmdline"] or [""])[0].startswith("VLLM::")
+                    and proc.environ().get(CPU_EXECUTOR_ENV) == "mp"):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _outputs(proc: psutil.Process) -> set[str]:
+    """The files its stdout and stderr are."""
+    return {target for fd in (1, 2)
+            if os.path.isfile(target := os.readlink(f"/proc/{proc.pid}/fd/{fd}"))}
+
+
+def _plugin_lines(phrase: str) -> dict[str, str]:
+    """'(Process' prefix -> the line of each direct engine process that holds the phrase."""
+    lines = {}
+    for proc in _direct_engines():
+        mark = f" pid={proc.pid})"
+        for path in _outputs(proc):
+            for line in Path(path).read_text(errors="replace").splitlines():
+                if phrase in line and mark in line:
+                    # '(EngineCore pid=9) INFO ...', its prefix maybe in color codes
+                    lines["(" + line.split(" pid=")[0].rsplit("(", 1)[-1]] = line
+    return lines
+
+
+def _where_engines_write() -> str:
+    """What the assertion shows when a process's line is missing."""
+    return "; ".join(f"{p.pid} {p.info['cmdline'][0]}: stdout/stderr {sorted(_outputs(p))}"
+                     for p in _direct_engines()) or "no direct engine process found"
 
 
 @pytest.mark.parametrize("path, bad", bad_requests("unknown adapter"))
