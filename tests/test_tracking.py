@@ -67,6 +67,8 @@ def test_a_resumed_run_holds_the_whole_history_each_step_once(tmp_path):
         run.finish(str(entry))
     client = MlflowClient(run.uri)
     assert client.get_run(run.run_id).info.status == "FINISHED"
+    # its curve beside the database, not under the working directory
+    assert client.get_run(run.run_id).info.artifact_uri.startswith((tmp_path / "artifacts").as_uri())
     for metric in ("loss", "lr"):
         logged = sorted((m.step, m.value) for m in client.get_metric_history(run.run_id, metric))
         assert logged == [(h["step"], h[metric]) for h in history]

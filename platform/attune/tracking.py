@@ -66,16 +66,17 @@ def mlflow_client(uri: str) -> MlflowClient:
 
 
 def experiment_id(uri: str, name: str) -> str:
-    """The experiment's id, created where missing; in attune's own store its artifacts live
-    beside the database (MLflow would put them under the working directory)."""
+    """The experiment's id, created where missing; in a sqlite store its artifacts live beside
+    the database (MLflow would put them under the working directory)."""
     client = mlflow_client(uri)
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    local = uri == f"sqlite:///{_local_store()}/mlflow.db"
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
     try:
-        return client.create_experiment(
-            name, artifact_location=(_local_store() / "artifacts").as_uri() if local else None)
+        return client.create_experiment(name, artifact_location=artifacts)
     except MlflowException:  # another process created it meanwhile
         return client.get_experiment_by_name(name).experiment_id
 
