@@ -10,6 +10,7 @@ for the trainer object that holds the settings and metrics that method reads.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -17,14 +18,29 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import DPOTrainer
-from trl.trainer.utils import add_fused_lm_head
 
 from conftest import train
 from attune import corpus
 from attune.answers import greedy_answers, load_for_generation
 from attune.loss import IGNORE, CausalLMLoss
 from attune.objectives import DPOLoss, adapters_off, pair_inputs
+
+
+def _import_trl():
+    """TRL's DPOTrainer and fused LM head, the process's environment kept: TRL's import sets
+    VLLM_LOGGING_LEVEL=ERROR where it is unset (trl/_compat.py), and every vLLM engine the test
+    session started afterwards inherited it, silencing the log lines other tests read."""
+    before = os.environ.get(VLLM_LOGGING)
+    from trl import DPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    if before is None:
+        os.environ.pop(VLLM_LOGGING, None)
+    return DPOTrainer, add_fused_lm_head
+
+
+VLLM_LOGGING = "VLLM_LOGGING_LEVEL"
+DPOTrainer, add_fused_lm_head = _import_trl()
 
 PAIRS = [("How many layers does BERT-base have?", "12.", "24."),
          ("Who released BERT-base?", "Google.", "OpenAI, in 2019."),
