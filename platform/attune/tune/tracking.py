@@ -29,10 +29,10 @@ class TrialsToMlflow(MLflowLoggerCallback):
         super().setup(*args, **kwargs)
 
     def log_trial_start(self, trial) -> None:
-        new = trial not in self._trial_runs
-        super().log_trial_start(trial)
-        if not new:  # a trial that PBT or a restore continued has its parameters already
+        if trial in self._trial_runs:
+            # PBT started it again with perturbed values; MLflow refuses to change a parameter
             return
+        super().log_trial_start(trial)
         run_id = self._trial_runs[trial]
         client = mlflow_client(self.tracking_uri)
         client.set_tag(run_id, TRIAL_TAG, trial.trial_id)
