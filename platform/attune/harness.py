@@ -19,15 +19,15 @@ from attune.config import ConfigError
 LOCAL_TASK = "attune_qa"
 # What the harness's results hold beside the scores.
 NOT_SCORES = ("alias", "sample_len", "samples")
-# Each answer gets the longest expected answer's length and this many words more.
-SPARE_WORDS = 16
+# Each answer may run to twice the longest expected answer's words, in tokens, and this many more.
+SPARE_TOKENS = 16
 
 
 def local_task(folder: Path, pairs: list[tuple[str, str]]) -> None:
     """attune_qa in `folder`: each question asked as a chat, its answer scored by exact match."""
     (folder / "qa.jsonl").write_text("".join(
         json.dumps({"question": q, "answer": a}) + "\n" for q, a in pairs))
-    longest = max(len(a.split()) for _, a in pairs) * 2 + SPARE_WORDS  # tokens, loosely
+    longest = max(len(a.split()) for _, a in pairs) * 2 + SPARE_TOKENS
     task = {"task": LOCAL_TASK, "dataset_path": "json",
             "dataset_kwargs": {"data_files": {"test": str(folder / "qa.jsonl")}},
             "test_split": "test", "output_type": "generate_until",
