@@ -10,6 +10,7 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import openai
 import pytest
 
 from attune.ui.chat import GenerationSettings, Stats, Turn, messages_for, stream_reply
@@ -253,3 +254,11 @@ def test_serve_builder_checks_its_args():
     assert build_app({"auth": "none", "users_file": "/var/run/secrets/attune-chat/users"}) is not None
     with pytest.raises(ValueError):
         build_app({"auth": "open"})
+
+
+def test_the_page_client_is_built_with_the_installed_openai_and_its_own_timeout_type():
+    """The client's HTTP stack is openai's choice (httpx2 since openai 3.x); a timeout object of
+    another library is refused by it, and the page did not start."""
+    client = make_client("http://127.0.0.1:9/v1")
+    assert isinstance(client.timeout, openai.Timeout)
+    assert (client.timeout.connect, client.timeout.read, client.max_retries) == (5.0, 60.0, 0)

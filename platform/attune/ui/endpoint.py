@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-import httpx
 import openai
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"  # where `attune serve` listens
@@ -19,8 +18,9 @@ API_KEY_ENV = "ATTUNE_API_KEY"
 def make_client(base_url: str, api_key: str | None = None) -> openai.OpenAI:
     # No retries and a short connect timeout: a down endpoint must show up in the chat within
     # seconds, not after the client's default backoff; long generations still get a minute.
+    # openai's own Timeout: the client's HTTP stack is its own choice (httpx2 now, not httpx).
     return openai.OpenAI(base_url=base_url, api_key=api_key or os.environ.get(API_KEY_ENV) or "none",
-                         max_retries=0, timeout=httpx.Timeout(60.0, connect=5.0))
+                         max_retries=0, timeout=openai.Timeout(60.0, connect=5.0))
 
 
 def list_models(client: openai.OpenAI) -> dict[str, dict[str, float]]:
