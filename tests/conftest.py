@@ -32,6 +32,8 @@ from attune.serve import ServeConfig
 from attune.serve.local import run
 from attune.trainer import fine_tune
 
+pytest_plugins = ["timings"]  # tests/artifacts/timings.json: where the suite's time goes
+
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
 SESSION_MARKER = pytest.StashKey[str]()
