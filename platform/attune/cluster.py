@@ -20,6 +20,8 @@ import ray.data
 from ray.util.debug import log_once
 
 from attune import console
+from attune.addresses import check_answers
+from attune.config import ConfigError
 
 # Where the State API looks first for a cluster's dashboard (ray.dashboard.utils).
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
@@ -30,6 +32,8 @@ HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 # (32768-60999 by default), where outgoing connections and Ray's own listeners could take a
 # port between its choice and its use.
 SPARE_PORTS = range(20000, 32000)
+# Ray's ports where an address names none: the head's GCS, and its Ray Client server.
+GCS_PORT, RAY_CLIENT_PORT = 6379, 10001
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -42,6 +46,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     console.quiet()
     if os.environ.get("RAY_ADDRESS"):
+        check_cluster_answers(os.environ["RAY_ADDRESS"])
         ray.init(log_to_driver=True, logging_level=console.ray_log_level())
         console.say_where_logs_are()
         return
@@ -55,6 +60,38 @@ def ensure_ray(num_cpus: int | None = None) -> None:
                  dashboard_port=dashboard_port, log_to_driver=True,
                  logging_level=console.ray_log_level())
     console.say_where_logs_are()
+
+
+def check_cluster_answers(address: str) -> None:
+    """Fail in seconds where no cluster answers at `address` (RAY_ADDRESS): `ray.init` would log
+    "Failed to connect to GCS" for minutes. host[:port] is a GCS, ray://host[:port] a Ray Client
+    server, `auto` the cluster `ray start` last started on this machine, `local` a new one."""
+    key = f"RAY_ADDRESS={address}"
+    if address.startswith(("http://", "https://")):  # Ray refuses it, in a traceback
+        raise ConfigError(f"{key}: a dashboard's address, as `attune submit --address` takes; "
+                          f"to join a cluster, name its GCS (host:{GCS_PORT}) or its Ray Client "
+                          f"server (ray://host:{RAY_CLIENT_PORT})")
+    if address == "local" or ("://" in address and not address.startswith("ray://")):
+        return  # a new cluster, or a scheme of a Ray plugin
+    if address == "auto":
+        address = _auto_address(key)
+    client = address.startswith("ray://")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():  # no port given: the server's default one
+        host, port = address.removeprefix("ray://"), RAY_CLIENT_PORT if client else GCS_PORT
+    check_answers(host.strip("[]"), int(port), key,
+                  "no Ray Client server" if client else "no Ray cluster",
+                  "; start one (`ray start --head`), or unset RAY_ADDRESS to run Ray in this "
+                  "process")
+
+
+def _auto_address(key: str) -> str:
+    """The GCS address `auto` stands for: the last `ray start`'s, else the one running GCS's."""
+    try:
+        return ray._private.services.canonicalize_bootstrap_address_or_die("auto")
+    except ConnectionError as e:  # none found, or several: Ray's first sentence says which
+        raise ConfigError(f"{key}: {str(e).split('. ')[0]}; set RAY_ADDRESS to a cluster's "
+                          "host:port, or unset it to run Ray in this process") from None
 
 
 def embedded_cluster_env(dashboard_url: str, cores: int | None = None,
