@@ -5,14 +5,18 @@ timeout, generous next to the seconds it needs, stands for the minutes of retrie
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from running import ATTUNE, REPO
 
 from attune.cluster import check_cluster_answers, free_port
 from attune.config import ConfigError
+from attune.harness import check_endpoint
 
 # Far more than the few seconds each takes (a loaded machine's imports included), far less than
 # the retries each used to wait through.
@@ -52,3 +56,40 @@ def test_each_form_of_ray_address_is_checked(address, said):
     with pytest.raises(ConfigError) as refused:
         check_cluster_answers(address)
     assert str(refused.value).startswith(f"RAY_ADDRESS={address}: {said}"), refused.value
+
+
+def test_an_eval_endpoint_where_nothing_listens(tmp_path):
+    entry = tmp_path / "tiny-full"
+    entry.mkdir()
+    manifest = json.dumps({"name": "tiny-full", "recipe": {}})
+    (entry / "attune.json").write_text(manifest)
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    line = fails_in_one_line("eval", str(entry), "--endpoint", url)
+    assert line == (f"attune: --endpoint {url}: nothing answers there ([Errno 111] Connection "
+                    "refused)")
+    assert (entry / "attune.json").read_text() == manifest  # no scores recorded
+
+
+class _Models(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"object": "list", "data": [{"id": "tiny-llama"}]}).encode()
+        self.send_response(200 if self.path == "/v1/models" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_eval_endpoint_that_does_not_serve_the_model():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Models)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    try:
+        check_endpoint(url, "key", "tiny-llama")  # served: no error
+        with pytest.raises(ConfigError, match=rf"^--model tiny-lora: not served at {url} "
+                                              r"\(it serves tiny-llama\)$"):
+            check_endpoint(url, "key", "tiny-lora")
+    finally:
+        server.shutdown()

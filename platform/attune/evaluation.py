@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 
 from attune import data
 from attune.config import ConfigError
-from attune.harness import harness_scores
+from attune.harness import check_endpoint, harness_scores
 from attune.registry import read_manifest, update_manifest
 from attune.store import filesystem
 from attune.tracking import log_scores
@@ -50,6 +50,8 @@ def evaluate(location: str, data_file: str, data_format: str = "messages",
     tasks) and write the scores into its manifest as `eval`; returns that record."""
     records = data.read_records([data_file], data_format)  # a bad line names its file and line
     recipe = read_manifest(location)["recipe"]
+    if served:  # before the scoring, not after it
+        check_endpoint(served.base_url, served.api_key, served.model)
     with _local_copy(location) as path:
         # torch loads only to score: `attune promote --require` reads the scores without it
         from attune.answers import exact_match, greedy_answers, load_for_generation

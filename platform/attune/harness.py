@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -19,6 +21,8 @@ from attune.config import ConfigError
 LOCAL_TASK = "attune_qa"
 # What the harness's results hold beside the scores.
 NOT_SCORES = ("alias", "sample_len", "samples")
+# Long enough for a busy server to list its models, short next to the harness's retries.
+LIST_TIMEOUT_S = 10
 # Each answer may run to twice the longest expected answer's words, in tokens, and this many more.
 SPARE_TOKENS = 16
 
@@ -40,6 +44,31 @@ def local_task(folder: Path, pairs: list[tuple[str, str]]) -> None:
             "metric_list": [{"metric": "exact_match", "aggregation": "mean",
                              "higher_is_better": True}]}
     (folder / f"{LOCAL_TASK}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+
+
+def check_endpoint(base_url: str, api_key: str, model: str) -> None:
+    """Fail in seconds, naming the URL, where `base_url` does not serve `model`: the harness
+    retries every request and ends in a traceback long after."""
+    if not base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"--endpoint {base_url}: expected an http:// or https:// URL ending "
+                          "in /v1")
+    url = f"{base_url.rstrip('/')}/models"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=LIST_TIMEOUT_S) as response:
+            served = [m["id"] for m in json.load(response)["data"]]
+    except urllib.error.HTTPError as e:
+        raise ConfigError(f"--endpoint {base_url}: GET {url} answered {e.code} "
+                          f"{e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError(f"--endpoint {base_url}: nothing answers there ({reason})") from None
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"--endpoint {base_url}: GET {url} did not list models as an OpenAI "
+                          "endpoint does") from None
+    if model not in served:
+        raise ConfigError(f"--model {model}: not served at {base_url} (it serves "
+                          f"{', '.join(served) or 'nothing'})")
 
 
 def harness_scores(base_url: str, api_key: str, model: str, pairs: list[tuple[str, str]],
