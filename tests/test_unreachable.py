@@ -14,9 +14,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from running import ATTUNE, REPO
 
+from attune import tracking
 from attune.cluster import check_cluster_answers, free_port
 from attune.config import ConfigError
 from attune.harness import check_endpoint
+from attune.recipe import Recipe
 
 # Far more than the few seconds each takes (a loaded machine's imports included), far less than
 # the retries each used to wait through.
@@ -93,3 +95,21 @@ def test_an_eval_endpoint_that_does_not_serve_the_model():
             check_endpoint(url, "key", "tiny-lora")
     finally:
         server.shutdown()
+
+
+def test_runs_with_a_tracking_server_that_is_down(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    line = fails_in_one_line("runs", MLFLOW_TRACKING_URI=uri, ATTUNE_HOME=str(tmp_path / "home"))
+    assert line == (f"attune: MLflow tracking URI {uri}: no tracking server answers at "
+                    f"{uri.removeprefix('http://')} (Connection refused)")
+
+
+def test_training_with_a_tracking_server_that_is_down_warns_once_and_goes_on(capsys):
+    uri = f"http://127.0.0.1:{free_port()}"
+    recipe = Recipe(name="r", optim={"max_steps": 50}, tracking={"uri": uri})
+    with tracking.train_run(recipe) as run:
+        assert run.callbacks == [] and run.manifest_fields == {}
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert warnings == [f"[attune] warning: MLflow tracking URI {uri}: no tracking server answers "
+                        f"at {uri.removeprefix('http://')} (Connection refused); this run goes on "
+                        "untracked"]

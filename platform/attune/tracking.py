@@ -25,13 +25,15 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from ray.train import UserCallback
 
-from attune.config import attune_home
+from attune.addresses import check_answers
+from attune.config import ConfigError, attune_home
 from attune.console import verbose
 from attune.plots import plot_losses
 from attune.recipe import Recipe, TrackingConfig
@@ -59,6 +61,15 @@ def _local_store() -> Path:
     store = attune_home().resolve() / "mlflow"
     store.mkdir(parents=True, exist_ok=True)
     return store
+
+
+def check_server(uri: str) -> None:
+    """A ConfigError in seconds where an http(s) store's server does not answer: MLflow's client
+    retries each request for minutes first."""
+    url = urlparse(uri)
+    if url.scheme in ("http", "https") and url.hostname:
+        check_answers(url.hostname, url.port or (443 if url.scheme == "https" else 80),
+                      f"MLflow tracking URI {uri}", "no tracking server")
 
 
 def mlflow_client(uri: str) -> MlflowClient:
@@ -180,7 +191,7 @@ class _Untracked:
 def train_run(recipe: Recipe):
     """The run's MLflow run (a no-op with `tracking.mlflow: false`), ended FINISHED, FAILED, or
     KILLED on Ctrl-C."""
-    if not recipe.tracking.mlflow:
+    if not recipe.tracking.mlflow or not _server_answers(tracking_uri(recipe.tracking)):
         yield _Untracked()
         return
     run = TrainRun(recipe)
@@ -194,6 +205,16 @@ def train_run(recipe: Recipe):
         run.end("FAILED")
         raise
     run.end("FINISHED")
+
+
+def _server_answers(uri: str) -> bool:
+    """Whether the store's server answers; a training run goes on untracked where it does not."""
+    try:
+        check_server(uri)
+    except ConfigError as e:
+        print(f"[attune] warning: {e}; this run goes on untracked", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def reference(uri: str, experiment: str, run_id: str) -> dict:
@@ -216,6 +237,7 @@ def log_scores(manifest: dict, scores: dict[str, float]) -> None:
 
 def list_runs(uri: str, experiment: str, limit: int = 20) -> list[dict]:
     """The experiment's latest runs, newest first: what `attune runs` prints."""
+    check_server(uri)
     client = mlflow_client(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
