@@ -15,6 +15,7 @@ import pytest
 from running import ATTUNE, REPO
 
 from attune import tracking
+from attune.cli import main
 from attune.cluster import check_cluster_answers, free_port
 from attune.config import ConfigError
 from attune.harness import check_endpoint
@@ -113,3 +114,35 @@ def test_training_with_a_tracking_server_that_is_down_warns_once_and_goes_on(cap
     assert warnings == [f"[attune] warning: MLflow tracking URI {uri}: no tracking server answers "
                         f"at {uri.removeprefix('http://')} (Connection refused); this run goes on "
                         "untracked"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "{path}"],
+    ["eval", "{path}", "--endpoint", "http://127.0.0.1:9/v1"],
+    ["promote", "{path}"],
+    ["promote", "{path}", "--require", "exact_match>=0.5"],
+])
+def test_a_path_that_is_not_an_entry(argv, tmp_path, capsys):
+    path = tmp_path / "no-such-entry"
+    assert main([a.format(path=path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err == f"attune: {path}: not a registry entry (nothing there)\n", err
+    assert not path.exists()
+
+
+def test_answers_of_a_directory_without_a_model(tmp_path, capsys):
+    assert main(["answers", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"attune: {tmp_path}: not a registry entry nor a model "
+                                       "directory (no config.json or adapter_config.json in it)\n")
+
+
+def test_serving_an_entry_that_is_not_there_fails_before_ray(tmp_path, capsys, monkeypatch):
+    from attune.serve import local
+
+    monkeypatch.setattr(local, "ensure_ray", lambda: pytest.fail("Ray started"))
+    config = tmp_path / "serve.yaml"
+    entry = tmp_path / "no-such-entry"
+    config.write_text(f"base_models: [{{id: tiny-llama, name_or_path: 'attune:tiny-llama'}}]\n"
+                      f"entries: ['{entry}']\n")
+    assert main(["serve", str(config)]) == 2
+    assert capsys.readouterr().err == f"attune: {entry}: not a registry entry (nothing there)\n"

@@ -16,11 +16,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from attune.modeling import load_tokenizer, resolve
-from attune.registry import MANIFEST
+from attune.registry import MANIFEST, check_local_model
 
 
 def load_for_generation(location: str):
     """A registry entry (full or LoRA, merged) or a base model directory, with its tokenizer."""
+    check_local_model(location)
     path = Path(location).expanduser()
     tokenizer = load_tokenizer(str(path))
     if (path / "adapter_config.json").exists():

@@ -21,11 +21,14 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from attune.chat_templates import end_of_turn_id
+from attune.config import ConfigError
 from attune.plots import plot_losses
 from attune.recipe import Recipe
 from attune.store import filesystem
 
 MANIFEST = "attune.json"
+# What a directory with a model in it holds: full weights' config, or a LoRA adapter's.
+MODEL_FILES = ("config.json", "adapter_config.json")
 
 
 def entry_location(recipe: Recipe) -> str:
@@ -123,9 +126,40 @@ def _publish(staging: Path, location: str) -> None:
 
 
 def read_manifest(location: str) -> dict:
+    """The entry's manifest; where `location` holds none, a ConfigError that names it and says
+    what is there instead (every command that takes an entry reads this first)."""
     fs, path = filesystem(location)
-    with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
-        return json.loads(f.read())
+    try:
+        with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
+            text = f.read()
+    except FileNotFoundError:
+        found = _found(fs, path, MANIFEST)
+        raise ConfigError(f"{location}: not a registry entry ({found})") from None
+    except OSError as e:  # an object store's refusal: credentials, bucket, endpoint
+        raise ConfigError(f"{location}: not a registry entry ({str(e).splitlines()[0]})") from None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"{location}/{MANIFEST}: not valid JSON ({e})") from None
+
+
+def check_local_model(location: str) -> None:
+    """A ConfigError naming `location` unless it is a directory here holding a model to load: an
+    entry's weights or adapter, or a base model's."""
+    path = Path(location).expanduser()
+    if not any((path / name).is_file() for name in MODEL_FILES):
+        found = _found(pafs.LocalFileSystem(), str(path.absolute()), " or ".join(MODEL_FILES))
+        raise ConfigError(f"{location}: not a registry entry nor a model directory ({found})")
+
+
+def _found(fs, path: str, wanted: str) -> str:
+    """What is at `path` where `wanted` is not: the usual mistake is a mistyped path."""
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
+        return "nothing there"
+    if kind == pafs.FileType.File:
+        return "a file, not a directory"
+    return f"no {wanted} in it"
 
 
 def update_manifest(location: str, fields: dict) -> dict:

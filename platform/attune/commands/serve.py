@@ -14,10 +14,13 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import time
 
+    from attune.registry import read_manifest
     from attune.serve.config import config_from_file
     from attune.serve.local import run as serve_locally
 
     config = config_from_file(args.config, args.overrides)  # fails before Ray starts
+    for location in config.entries:  # and so does an entry that is not there
+        read_manifest(location)
     endpoint = serve_locally(config, host=args.host, port=args.port)
     print(f"[attune] serving at {endpoint.base_url}", flush=True)
     for model_id in endpoint.model_ids:

@@ -33,10 +33,7 @@ class Entry:
 
 
 def read_entry(location: str) -> Entry:
-    try:
-        return Entry(location, registry.read_manifest(location))
-    except (FileNotFoundError, OSError) as e:
-        raise NotServable(f"{location}: not a registry entry (no attune.json): {e}") from None
+    return Entry(location, registry.read_manifest(location))  # no entry there: a ConfigError
 
 
 def base_for(entry: Entry, config: ServeConfig) -> BaseModelSpec:
