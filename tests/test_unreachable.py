@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +19,7 @@ from attune import tracking
 from attune.cli import main
 from attune.cluster import check_cluster_answers, free_port
 from attune.config import ConfigError
+from attune.feedback import FeedbackStore
 from attune.harness import check_endpoint
 from attune.recipe import Recipe
 
@@ -146,3 +148,19 @@ def test_serving_an_entry_that_is_not_there_fails_before_ray(tmp_path, capsys, m
                       f"entries: ['{entry}']\n")
     assert main(["serve", str(config)]) == 2
     assert capsys.readouterr().err == f"attune: {entry}: not a registry entry (nothing there)\n"
+
+
+def test_exporting_feedback_from_a_database_that_does_not_exist(tmp_path):
+    out = tmp_path / "dpo.jsonl"
+    db = tmp_path / "typo" / "path.db"
+    line = fails_in_one_line("feedback", "export", "--as", "dpo", str(out), "--db", f"sqlite:///{db}")
+    assert line == (f"attune: feedback database sqlite:///{db}: does not exist (nothing at {db}); "
+                    "the chat page creates it with its first feedback")
+    assert not list(tmp_path.iterdir())  # no directory, no database, no export
+
+
+def test_exporting_feedback_from_a_database_that_is_not_the_pages(tmp_path):
+    db = tmp_path / "other.db"
+    sqlite3.connect(db).execute("create table other (id integer)").connection.close()
+    with pytest.raises(ConfigError, match=r"has no feedback table \(not the chat page's database\)"):
+        FeedbackStore(f"sqlite:///{db}", create=False)

@@ -61,16 +61,32 @@ def default_url() -> str:
     return os.environ.get("ATTUNE_FEEDBACK_DB") or f"sqlite:///{attune_home() / 'feedback.db'}"
 
 
+def _sqlite_file(url: str) -> Path | None:
+    if not url.startswith("sqlite:///"):
+        return None
+    return Path(url.removeprefix("sqlite:///")).expanduser()
+
+
 class FeedbackStore:
     """Feedback rows in a SQL database: a file by default, a server a team shares by URL."""
 
-    def __init__(self, url: str | None = None):
+    def __init__(self, url: str | None = None, create: bool = True):
+        """`create`: make the database and its table where missing, as the page does for the
+        first feedback; a reader (the export) passes False and is told there is none."""
         self.url = url or default_url()
-        if self.url.startswith("sqlite:///"):
-            Path(self.url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        file = _sqlite_file(self.url)
+        if file and not create and not file.is_file():
+            raise ConfigError(f"feedback database {self.url}: does not exist (nothing at {file}); "
+                              "the chat page creates it with its first feedback")
+        if file:
+            file.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._engine = sa.create_engine(self.url)
-            _METADATA.create_all(self._engine)
+            if create:
+                _METADATA.create_all(self._engine)
+            elif not sa.inspect(self._engine).has_table(_FEEDBACK.name):
+                raise ConfigError(f"feedback database {self.url}: has no {_FEEDBACK.name} table "
+                                  "(not the chat page's database)")
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, sa.exc.OperationalError) as e:
             raise ConfigError(f"feedback database {self.url}: {e.__class__.__name__}: "
                               f"{str(e).splitlines()[0]}") from None

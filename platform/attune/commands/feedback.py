@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from attune.feedback import FeedbackStore
 
-    store = FeedbackStore(args.db)
+    store = FeedbackStore(args.db, create=False)  # a read: no database there is an error
     lines = store.export(args.kind, args.file, model=args.model)
     what = "preference pairs" if args.kind == "dpo" else "chats"
     print(f"[attune] {args.file}: {lines} {what} from {store.url}", flush=True)
