@@ -6,11 +6,16 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 from running import ATTUNE, REPO
 
 from attune.console import _shown_only
+
+# Workers' lines as a demo's console got them (Ray's "(name pid=...)" prefix off), each marked
+# + where a quiet console shows it, - where only the log files keep it.
+CAPTURED = Path(__file__).parent / "data" / "console_lines.txt"
 
 
 def test_a_quiet_console_shows_attunes_lines_warnings_and_errors_only():
@@ -21,6 +26,14 @@ def test_a_quiet_console_shows_attunes_lines_warnings_and_errors_only():
     shown({"pid": 1, "lines": ["INFO nothing to see"]}, False)
     # attune's lines without Ray's "(worker pid=...)" prefix, as the driver's own
     assert printed == [(["[attune] step 1/2 | loss 2.0"], True), (["WARNING low memory"], False)]
+
+
+def test_a_quiet_console_drops_vllms_cpu_notices_and_repeats_but_shows_errors_whole():
+    marked = CAPTURED.read_text().splitlines()
+    printed = []
+    shown = _shown_only(lambda data, ignore_prefix: printed.extend(data["lines"]))
+    shown({"pid": 1, "lines": [line[2:] for line in marked]}, False)
+    assert printed == [line[2:] for line in marked if line.startswith("+ ")]
 
 
 def train(tmp_path, *flags: str) -> list[str]:

@@ -15,6 +15,10 @@ from attune.cluster import free_port
 from conftest import API_KEY
 
 pytestmark = pytest.mark.slow
+# What a quiet demo leaves in the log files: Serve's deployment options, vLLM's per-weight and
+# CPU notices, JSON logs.
+DEMO_NOISE = ("Deployment Options", "Attempted to load weight", "Triton", "LD_PRELOAD",
+              '{"asctime"')
 
 
 def test_ctrl_c_after_training_stops_the_process(tmp_path):
@@ -65,6 +69,9 @@ def test_ctrl_c_stops_make_demo_at_its_chat_page(tmp_path, tiny_full_entry):
                        "--chat-port", str(free_port())], tmp_path,
                       ATTUNE_HOME=os.environ["ATTUNE_HOME"])
     command.wait_for("[demo] chat page:", timeout=600)
+    console = command.output  # up to its chat page
+    assert len(console) <= 60, "".join(console)
+    assert [line for line in console if any(n in line for n in DEMO_NOISE)] == [], "".join(console)
     time.sleep(2)  # the page's server is up by now
     command.ctrl_c()
     assert command.left_running() == {}

@@ -17,10 +17,12 @@ import secrets
 import time
 
 from openai import OpenAI
+from transformers.utils import logging as hf_logging
 
 from attune import modeling
 from attune.answers import greedy_answers, load_for_generation, qa_pairs
-from attune.console import VERBOSE_ENV
+from attune.cluster import exit_now
+from attune.console import VERBOSE_ENV, verbose
 from attune.recipe import load_recipe
 from attune.serve.config import config_from_recipe
 from attune.serve.local import run
@@ -34,8 +36,15 @@ SAMPLE = [0, 1, 3, 5, 40, 60, 100, 140, 180, 220]
 def side_by_side(base_path: str, entry: str) -> None:
     pairs = [qa_pairs()[i] for i in SAMPLE]
     questions = [q for q, _ in pairs]
-    base = greedy_answers(*load_for_generation(base_path), questions)
-    tuned = greedy_answers(*load_for_generation(entry), questions)
+    quiet = not verbose() and hf_logging.is_progress_bar_enabled()
+    if quiet:  # a "Loading weights" bar per model, above the table
+        hf_logging.disable_progress_bar()
+    try:
+        base = greedy_answers(*load_for_generation(base_path), questions)
+        tuned = greedy_answers(*load_for_generation(entry), questions)
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
     width = max(len(q) for q in questions)
     print(f"\n{'question':<{width}}  {'base model':<24}  fine-tuned")
     for (question, expected), b, t in zip(pairs, base, tuned):
@@ -81,7 +90,11 @@ def chat(base_url: str, api_key: str, model: str, port: int = 7860) -> None:
     page = build_page(base_url, model=model, compare_model="tiny-llama")
     print(f"[demo] chat page: http://127.0.0.1:{port}/  (Ctrl-C to stop)", flush=True)
     launch_page(page, host="127.0.0.1", port=port)
+    exit_now(130)  # Gradio takes the Ctrl-C and closes the page; the cluster goes at once too
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C before the page: end now, without a traceback
+        exit_now(130)

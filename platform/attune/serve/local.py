@@ -9,6 +9,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from attune import console
 from attune.capacity import check_fits
 from attune.cluster import HA_PROXY_ENV, ensure_ray
 from attune.config import ConfigError
@@ -34,6 +35,7 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: st
     from attune.serve.app import build_app
 
     ensure_ray()
+    console.quiet()  # again: importing Serve and Ray LLM just set their loggers to INFO
     _check_replicas_fit(config)
     serve.start(http_options={"host": host, "port": port})
     _check_serve_listens_on(host, port)
