@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 
+from attune.cluster import exit_now
 from attune.config import ConfigError
 from attune.console import VERBOSE_ENV
 from attune.data import DataError
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:  # bad input: one clear line, no traceback
         print(f"attune: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the user asked to stop, now, and without a traceback
+        exit_now(130)
 
 
 if __name__ == "__main__":

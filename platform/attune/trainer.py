@@ -189,10 +189,16 @@ def fine_tune(recipe: Recipe) -> str:
 def _ctrl_c_given_back():
     """Ray Train's driver installs a SIGINT handler for its run (Ctrl-C aborts the run) and
     leaves it installed after fit() returns, where it swallows every later Ctrl-C of the process
-    (serving after training, the demo's chat page). Put the process's own handler back."""
+    (serving after training, the demo's chat page). Put the process's own handler back.
+
+    That handler ends an aborted run with sys.exit(0), its only SystemExit in fit(): raised
+    again as the Ctrl-C it is, so the run's MLflow run ends KILLED and the process exits as a
+    Ctrl-C asks (attune.cluster.exit_now)."""
     handler = signal.getsignal(signal.SIGINT)
     try:
         yield
+    except SystemExit:
+        raise KeyboardInterrupt from None
     finally:
         if handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, handler)

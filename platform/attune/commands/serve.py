@@ -14,6 +14,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import time
 
+    from attune.cluster import exit_now, started_here
     from attune.registry import read_manifest
     from attune.serve.config import config_from_file
     from attune.serve.local import run as serve_locally
@@ -29,10 +30,12 @@ def run(args) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        # As `serve run` does: the app goes with the command, on a joined cluster too (there,
-        # Serve's shutdown also stops its HAProxy, which outlives a killed cluster otherwise).
+        print("[attune] shutting down", flush=True)
+        if started_here():
+            exit_now(0)  # the cluster is killed whole, at once: no replica to drain one by one
+        # As `serve run` does: the app goes with the command on a joined cluster too (Serve's
+        # shutdown also stops its HAProxy, which outlives a killed cluster otherwise).
         from ray import serve
 
-        print("[attune] shutting down", flush=True)
         serve.shutdown()
         return 0

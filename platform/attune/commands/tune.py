@@ -19,13 +19,14 @@ def run(args) -> int:
     from attune.tune.config import load_search
 
     search, recipe_raw = load_search(args.search, args.overrides)  # fails before any cluster work
+    from attune.cluster import exit_now
     from attune.tune.search import run_search
 
     outcome = run_search(search, recipe_raw)
     if outcome.interrupted:
         print(f"[attune] interrupted; run the same command again to resume {outcome.experiment_path}",
               flush=True)
-        return 130
+        exit_now(130)  # the experiment's state is saved: nothing left to wait for
     print(outcome.table)
     print(f"[attune] trials: {outcome.experiment_path}/trials.csv, curves: "
           f"{outcome.experiment_path}/curves.png", flush=True)
