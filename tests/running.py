@@ -17,7 +17,8 @@ from leftovers import MARKER, left_behind
 
 REPO = Path(__file__).resolve().parents[1]
 ATTUNE = [sys.executable, "-m", "attune"]
-STOP_WITHIN_S = 30
+# What a Ctrl-C may take to end a command, its cluster, engines and servers included.
+STOP_WITHIN_S = 5
 
 
 class Command:
@@ -63,7 +64,9 @@ class Command:
             self.proc.wait()
             raise AssertionError(f"still running {STOP_WITHIN_S} s after Ctrl-C:\n"
                                  + "".join(self.output[-40:])) from None
-        return time.monotonic() - start
+        taken = time.monotonic() - start
+        print(f"ended {taken:.1f} s after Ctrl-C: {' '.join(self.proc.args)[:120]}")
+        return taken
 
     def all_output(self) -> str:
         """Everything it printed so far (all of it once it has ended)."""

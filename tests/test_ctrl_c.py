@@ -1,5 +1,6 @@
-"""Ctrl-C stops attune's commands within seconds and leaves no process behind (a real SIGINT to a
-real command: its Ray cluster, Train workers, vLLM engines and web servers must all go)."""
+"""Ctrl-C stops attune's commands within 5 s (running.STOP_WITHIN_S) and leaves no process
+behind (a real SIGINT to a real command: its Ray cluster, Train workers, vLLM engines and web
+servers must all go)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,16 @@ def test_ctrl_c_stops_attune_chat(tmp_path):
 def test_ctrl_c_stops_attune_serve(tmp_path, tiny_full_entry):
     command = Command([*ATTUNE, "serve", "recipes/tiny-full.yaml",
                        f"output.registry={Path(tiny_full_entry).parent}", "--port", str(free_port())],
+                      tmp_path, ATTUNE_API_KEYS=API_KEY, ATTUNE_HOME=os.environ["ATTUNE_HOME"])
+    command.wait_for("[attune] serving at", timeout=300)
+    command.ctrl_c()
+    assert command.left_running() == {}
+
+
+def test_ctrl_c_stops_attune_serve_of_a_lora_recipe(tmp_path, tiny_lora_entry):
+    """The reported case: the tiny LoRA recipe, its adapter on the base model's engine, nothing
+    else running."""
+    command = Command([*ATTUNE, "serve", "recipes/tiny-lora.yaml", "--port", str(free_port())],
                       tmp_path, ATTUNE_API_KEYS=API_KEY, ATTUNE_HOME=os.environ["ATTUNE_HOME"])
     command.wait_for("[attune] serving at", timeout=300)
     command.ctrl_c()
