@@ -9,7 +9,16 @@ users.py     who may open the page (login or not)     passwords.py  the users fi
 feedback.py  thumbs and corrections of answers      serve.py    the Serve deployment
 """
 
-from attune.ui.page import build_page, launch_page
+
+
+def __getattr__(name: str):
+    if name in ("build_page", "launch_page"):
+        # Gradio loads only where a page is built: every `attune` command imports
+        # attune.ui.endpoint for its defaults, and gradio's import takes seconds.
+        from attune.ui import page
+
+        return getattr(page, name)
+    raise AttributeError(f"module 'attune.ui' has no attribute {name!r}")
 
 
 def build_app(args: dict | None = None):
