@@ -41,7 +41,7 @@ def test_ctrl_c_after_training_stops_the_process(tmp_path):
 def test_ctrl_c_stops_attune_train_while_it_trains(tmp_path):
     command = Command([*ATTUNE, "train", "recipes/tiny-full.yaml", "optim.max_steps=5000",
                        "eval.log_every_steps=1"], tmp_path)
-    command.wait_for("[attune] step ", timeout=240)
+    command.wait_for("[attune] step ", timeout=300)
     command.ctrl_c()
     assert command.left_running() == {}
 
