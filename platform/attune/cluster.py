@@ -81,7 +81,7 @@ def started_here() -> bool:
 def exit_now(code: int) -> NoReturn:
     """End this process at once, as a Ctrl-C asks. A cluster it started is killed with it, not
     shut down: Serve drains each replica, Ray waits on each of its daemons and the interpreter
-    unloads torch and vLLM, 8 to 20 s on 2 cores. A joined cluster ends this driver's tasks and
+    unloads torch and vLLM, which together take many seconds. A joined cluster ends this driver's tasks and
     actors itself when the driver is gone."""
     if _embedded:
         _kill_processes_started_here()
