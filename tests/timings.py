@@ -1,5 +1,6 @@
 """Where the suite's time goes: each test's setup, call and teardown, summed per module, written
-to tests/artifacts/timings.json when the session ends (docs/architecture.md, Tests).
+to tests/artifacts/timings.json after every test, so a session that is killed or crashes still
+tells where its time went (docs/architecture.md, Tests).
 
     python -m pytest ... && python tests/timings.py     # the per-module table, slowest first
 """
@@ -24,11 +25,11 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _phases[report.nodeid][report.when] = round(report.duration, 2)
     if report.when == "call" or report.outcome != "passed":
         _outcomes[report.nodeid] = report.outcome
+    if report.when == "teardown":
+        write()
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    if not _phases:
-        return
+def write() -> None:
     modules: dict[str, dict[str, float]] = defaultdict(lambda: {"tests": 0, "seconds": 0.0})
     for nodeid, phases in _phases.items():
         module = modules[nodeid.split("::")[0]]
