@@ -6,6 +6,7 @@ fine-tuned model take `tiny_full_entry` / `tiny_lora_entry` rather than training
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import shutil
@@ -57,7 +58,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionstart(session):
-    session.config.stash[SESSION_MARKER] = mark_session()
+    marker = session.config.stash[SESSION_MARKER] = mark_session()
+    # A session that crashes (pytest's INTERNALERROR skips pytest_sessionfinish) still ends
+    # everything it started; after a normal finish nothing is left for this to find.
+    atexit.register(lambda: left_behind(marker, grace_s=0))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -220,7 +224,7 @@ def stop_group(proc, sig: int, timeout: float) -> None:
         proc.wait()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # gone with its module: an idle cluster slows every later test
 def ray_head(attune_home):
     """A `ray start --head` cluster with token auth and Serve's HAProxy (as the RayService's
     pods); yields its dashboard address. Its ingress replicas drain for 2 s, not Ray's 30, when
@@ -230,7 +234,7 @@ def ray_head(attune_home):
         yield head.dashboard
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # three idle Ray nodes would slow every later test
 def multinode(object_store, ray_auth_token):
     """A head with no CPUs and two worker nodes with private disks (tests/multinode.py), set up
     as the RayService's pods are (Serve's HAProxy); the S3 store's endpoint in every node's

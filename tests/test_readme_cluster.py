@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -28,9 +29,15 @@ def test_the_readme_cluster_commands_run_as_written_from_scratch():
     assert "ray start --head" in commands and "ray job submit" in commands
     script = "set -e\n" + commands.replace("HEAD:", "127.0.0.1:")
     marker = uuid.uuid4().hex
-    # A machine of its own: loopback and /tmp private to the commands, HOME an empty directory.
+    # A machine of its own: loopback and /tmp private to the commands, HOME an empty directory;
+    # a checkout under /tmp is mounted back where it was (a new user may well clone there).
     fresh_machine = ("ip link set lo up && mount -t tmpfs none /tmp && export HOME=$(mktemp -d) "
                      "&& exec bash -c \"$0\"")
+    kept = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    if REPO.is_relative_to("/tmp"):
+        fresh_machine = (f"mount --bind /tmp {kept} && ip link set lo up && mount -t tmpfs none /tmp "
+                         f"&& mkdir -p {REPO} && mount --bind {kept / REPO.relative_to('/tmp')} {REPO} "
+                         "&& export HOME=$(mktemp -d) && exec bash -c \"$0\"")
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/bin", "LANG": "C.UTF-8",
            MARKER: marker}
     try:
@@ -39,6 +46,7 @@ def test_the_readme_cluster_commands_run_as_written_from_scratch():
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     finally:
         left = left_behind(marker, grace_s=0)  # the head outlives the commands, as on a cluster
+        kept.rmdir()
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     assert "[attune] registry entry:" in output and "succeeded" in output, output[-4000:]

@@ -1,5 +1,6 @@
 """LoRA on one machine: `attune serve` of a LoRA recipe whose registry is a local directory
-serves the adapter with no object store, and `attune promote` puts a new adapter live."""
+serves the adapter with no object store, `attune promote` puts a new adapter live, and Ctrl-C
+ends it all within seconds (the case first reported, as tests/test_ctrl_c.py checks the others)."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ import pytest
 OUT = Path(__file__).resolve().parent / "artifacts" / "timings.json"
 _phases: dict[str, dict[str, float]] = defaultdict(dict)
 _outcomes: dict[str, str] = {}
+_failures: dict[str, str] = {}  # the end of each failure's report: why, where the output is lost
 _started = time.monotonic()
 
 
@@ -25,6 +26,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _phases[report.nodeid][report.when] = round(report.duration, 2)
     if report.when == "call" or report.outcome != "passed":
         _outcomes[report.nodeid] = report.outcome
+    if report.failed:
+        _failures[report.nodeid] = report.longreprtext[-3000:]
     if report.when == "teardown":
         write()
 
@@ -38,7 +41,8 @@ def write() -> None:
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(json.dumps({"wall_s": round(time.monotonic() - _started, 1),
                                "modules": dict(sorted(modules.items(), key=lambda m: -m[1]["seconds"])),
-                               "tests": {n: {**p, "outcome": _outcomes.get(n)} for n, p in _phases.items()}},
+                               "tests": {n: {**p, "outcome": _outcomes.get(n)} for n, p in _phases.items()},
+                               "failures": _failures},
                               indent=1))
 
 
