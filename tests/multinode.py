@@ -200,7 +200,7 @@ class LocalCluster:
         names = self.node_names()
         return [names.get(a["node_id"], "?") for a in self.list_state("actors", class_name=class_name)]
 
-    def _wait_for_nodes(self, timeout_s: float = 120) -> None:
+    def _wait_for_nodes(self, timeout_s: float = 300) -> None:  # minutes when loaded
         deadline = time.time() + timeout_s
         while True:
             alive = [r for r in self.list_state("nodes", state="ALIVE") if not r["is_head_node"]]
@@ -266,8 +266,9 @@ def start_cluster(root: Path, token: str, store_env: dict[str, str], workers: in
 
 
 def wait_for_dashboard(address: str, head: subprocess.Popen, log: Path) -> None:
-    """Until the head's dashboard answers (`ray job submit` and `serve deploy` talk to it)."""
-    deadline = time.time() + 120
+    """Until the head's dashboard answers (`ray job submit` and `serve deploy` talk to it);
+    minutes on a loaded machine, seconds on an idle one."""
+    deadline = time.time() + 300
     while True:
         try:
             urllib.request.urlopen(f"{address}/api/version", timeout=2)

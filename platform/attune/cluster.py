@@ -54,6 +54,31 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(log_to_driver=True, logging_level=console.ray_log_level())
         console.say_where_logs_are()
         return
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            _start_embedded(num_cpus)
+            break
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this one
+            if NODE_START_TIMEOUT not in str(e) or attempt == START_ATTEMPTS:
+                raise
+            _kill_ray_processes_started_here()
+            print(f"[attune] Ray's node did not register within Ray's fixed 30 s (a busy "
+                  f"machine?); starting it again ({attempt + 1}/{START_ATTEMPTS})", flush=True)
+    global _embedded
+    _embedded = True
+    atexit.register(_exit_now_after_ctrl_c)  # runs before Ray's own shutdown hook (LIFO)
+    console.say_where_logs_are()
+
+
+# Whether ensure_ray started Ray in this process: its processes are this process's to end.
+_embedded = False
+# Ray gives a new node a fixed 30 s to register with its GCS and raises this when it has not;
+# on a loaded machine (a laptop compiling, a shared CI runner) it may just need longer.
+NODE_START_TIMEOUT = "The current node timed out during startup"
+START_ATTEMPTS = 3
+
+
+def _start_embedded(num_cpus: int | None) -> None:
     dashboard_port = free_port()
     env = embedded_cluster_env(f"http://127.0.0.1:{dashboard_port}", serve_ports=own_serve_ports())
     with _set_for_ray_init(env):
@@ -63,14 +88,21 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus or max(6, 2 * (os.cpu_count() or 1)),
                  dashboard_port=dashboard_port, log_to_driver=True,
                  logging_level=console.ray_log_level())
-    global _embedded
-    _embedded = True
-    atexit.register(_exit_now_after_ctrl_c)  # runs before Ray's own shutdown hook (LIFO)
-    console.say_where_logs_are()
 
 
-# Whether ensure_ray started Ray in this process: its processes are this process's to end.
-_embedded = False
+def _kill_ray_processes_started_here() -> None:
+    """What a failed start left: Ray's daemons below this process, with the agents and workers
+    they started (the node object that would stop them was never made). Only processes run
+    from Ray's own package and theirs: a library user's other children stay."""
+    import psutil
+
+    ray_dir = os.path.dirname(ray.__file__)
+    for process in psutil.Process().children():
+        with suppress(psutil.Error):
+            if any(ray_dir in part for part in process.cmdline()):
+                for below in [*process.children(recursive=True), process]:
+                    with suppress(psutil.Error):
+                        below.kill()
 
 
 def started_here() -> bool:
