@@ -58,6 +58,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionstart(session):
+    # Started in the background by a non-interactive shell (a CI runner, `make test &`), this
+    # process and every command it starts would ignore SIGINT: no Ctrl-C test could pass, and
+    # `ray start --block` heads would wait out their stop timeouts. As from a terminal instead:
+    # a handled signal is default again in each child once it execs.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     marker = session.config.stash[SESSION_MARKER] = mark_session()
     # A session that crashes (pytest's INTERNALERROR skips pytest_sessionfinish) still ends
     # everything it started; after a normal finish nothing is left for this to find.
