@@ -67,14 +67,14 @@ def pytest_sessionstart(session):
     marker = session.config.stash[SESSION_MARKER] = mark_session()
     # A session that crashes (pytest's INTERNALERROR skips pytest_sessionfinish) still ends
     # everything it started; after a normal finish nothing is left for this to find.
-    atexit.register(lambda: left_behind(marker, grace_s=0))
+    atexit.register(lambda: left_behind(marker, grace_s=0, cwd=REPO))
 
 
 def pytest_sessionfinish(session, exitstatus):
     """Nothing the session started may outlive it: fail, naming what was left (then killed)."""
     if session.config.option.collectonly:
         return
-    left = left_behind(session.config.stash[SESSION_MARKER])
+    left = left_behind(session.config.stash[SESSION_MARKER], cwd=REPO)
     if left:
         lines = "\n".join(f"  {pid}: {command}" for pid, command in sorted(left.items()))
         session.config.get_terminal_writer().line(

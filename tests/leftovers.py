@@ -41,10 +41,34 @@ def marked_processes(marker: str) -> dict[int, str]:
     return found
 
 
-def left_behind(marker: str, grace_s: float = 30) -> dict[int, str]:
-    """The marked processes still running after `grace_s` seconds; they are killed, then named."""
+def orphaned_ray_processes(cwd: Path) -> dict[int, str]:
+    """Ray's processes whose parent is gone, working in `cwd`, that carry no session's marker:
+    Ray's agents retitle themselves (setproctitle) over the start of their environment, marker
+    included, and outlive a raylet that was killed. pid -> command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if (not entry.name.isdigit()
+                    or (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] != "1"
+                    or os.readlink(entry / "cwd") != str(cwd)):
+                continue
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            marked = f"{MARKER}=".encode() in (entry / "environ").read_bytes()
+            if command.startswith("ray::") and not marked:
+                found[int(entry.name)] = command.strip()[:160]
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+    return found
+
+
+def left_behind(marker: str, grace_s: float = 30, cwd: Path | None = None) -> dict[int, str]:
+    """The marked processes still running after `grace_s` seconds (and, with `cwd`, Ray's
+    orphans working there); they are killed, then named."""
+    def still_running() -> dict[int, str]:
+        return {**marked_processes(marker), **(orphaned_ray_processes(cwd) if cwd else {})}
+
     deadline = time.monotonic() + grace_s
-    while (left := marked_processes(marker)) and time.monotonic() < deadline:
+    while (left := still_running()) and time.monotonic() < deadline:
         time.sleep(1)
     for pid in left:
         try:
