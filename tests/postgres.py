@@ -117,6 +117,9 @@ def _free_port() -> int:
 
 
 if __name__ == "__main__":
+    # Ctrl-C, or a kill of a background run (where the shell leaves SIGINT ignored), cleans up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     server = Postgres()
     try:
         server.start()

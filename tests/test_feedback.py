@@ -102,7 +102,7 @@ def test_feedback_export_command(store, tmp_path, capsys):
                  "--model", "tiny-full", "--since", "2020-01-01"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         f"[attune] {out}: 1 preference pairs from {store.shown}",
-        f"[attune] skipped 1 answers: 1 {THUMBS_UP_ONLY}"]
+        f"[attune] skipped 1 answer: 1 {THUMBS_UP_ONLY}"]
     assert json.loads(out.read_text())["chosen"] == "BERT-base has 12 layers."
 
 

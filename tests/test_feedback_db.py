@@ -116,14 +116,25 @@ def test_a_database_newer_than_this_attune_is_refused_in_one_line(feedback_db, t
 
 
 def test_the_upgrade_command_says_where_the_database_is(feedback_db, capsys):
-    engine = sa.create_engine(feedback_db)
-    migrate.upgrade(engine, shown=feedback_db, to=migrate.FIRST)
-    engine.dispose()
+    """A new database for the pages (as a managed PostgreSQL starts) gets the table; a second
+    run changes nothing."""
     assert main(["feedback", "upgrade", "--db", feedback_db]) == 0
     assert main(["feedback", "upgrade", "--db", feedback_db]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        f"[attune] {feedback_db}: at revision 0002 (migrated from 0001)",
+        f"[attune] {feedback_db}: at revision 0002 (migrated from empty)",
         f"[attune] {feedback_db}: at revision 0002 (this attune's newest)"]
+
+
+def test_the_export_migrates_an_old_database_and_says_so(feedback_db, tmp_path, capsys):
+    engine = sa.create_engine(feedback_db)
+    migrate.upgrade(engine, shown=feedback_db, to=migrate.FIRST)
+    engine.dispose()
+    insert_old_rows(feedback_db, n=1)
+    out = tmp_path / "sft.jsonl"
+    assert main(["feedback", "export", "--as", "sft", str(out), "--db", feedback_db]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"[attune] {feedback_db}: at revision 0002 (migrated from 0001)",
+        f"[attune] {out}: 1 chats from {feedback_db}"]
 
 
 WRITER = textwrap.dedent("""

@@ -7,8 +7,8 @@
     attune train recipes/tiny-dpo.yaml 'data.train_files=[feedback-dpo.jsonl]'
 
 The database is the page's: --db, else $ATTUNE_FEEDBACK_DB (postgresql://user:password@host/db
-or any SQLAlchemy URL), else sqlite:///$ATTUNE_HOME/feedback.db. Both commands bring it up to
-date first; neither creates one.
+or any SQLAlchemy URL), else sqlite:///$ATTUNE_HOME/feedback.db. Both bring it up to date
+first; only upgrade creates the table where there is none (a new database for the pages).
 """
 
 HELP = "export the chat page's feedback as DPO pairs or SFT chats (JSONL the recipes read)"
@@ -28,17 +28,19 @@ def add_arguments(parser) -> None:
     export.add_argument("--since", help="only feedback from this date or time on (ISO 8601, UTC "
                         "unless it says: 2026-11-30, 2026-11-30T12:00)")
     export.add_argument("--until", help="only feedback before this time, or through this date")
-    upgrade = sub.add_parser("upgrade", help="bring the database to this attune's schema")
+    upgrade = sub.add_parser("upgrade", help="bring the database to this attune's schema "
+                             "(creating the table in an empty one)")
     upgrade.add_argument("--db", help=DB_HELP)
 
 
 def run(args) -> int:
     from attune.feedback import FeedbackStore
 
-    store = FeedbackStore(args.db, create=False, lazy=True)  # none there is an error
+    # upgrade may create the table (a new database for the pages); export reads what is there
+    store = FeedbackStore(args.db, create=args.feedback_command == "upgrade", lazy=True)
     before, after = store.upgrade()
     if args.feedback_command == "upgrade" or before != after:
-        was = f"migrated from {before}" if before != after else "this attune's newest"
+        was = f"migrated from {before or 'empty'}" if before != after else "this attune's newest"
         print(f"[attune] {store.shown}: at revision {after} ({was})", flush=True)
     if args.feedback_command == "upgrade":
         return 0

@@ -40,7 +40,8 @@ class Written:
         if not self.skipped:
             return None
         reasons = ", ".join(f"{n} {why}" for why, n in self.skipped.most_common())
-        return f"skipped {sum(self.skipped.values())} answers: {reasons}"
+        total = sum(self.skipped.values())
+        return f"skipped {total} answer{'s' if total != 1 else ''}: {reasons}"
 
 
 def export(store: FeedbackStore, kind: str, path: str | Path, **filters) -> Written:
