@@ -80,11 +80,14 @@ class FeedbackStore:
         first = sa.func.min(c.id).over(partition_by=[c.user, c.model, c.conversation, c.answer])
         first = (first if by_answer else c.id).label("first_mark")
         query = sa.select(*c, first)
-        for column, value, compare in ((c.model, model, "__eq__"), (c.user, user, "__eq__"),
-                                       (c.created_at, since, "__ge__"),
-                                       (c.created_at, until, "__lt__")):
-            if value is not None:
-                query = query.where(getattr(column, compare)(value))
+        if model is not None:
+            query = query.where(c.model == model)
+        if user is not None:
+            query = query.where(c.user == user)
+        if since is not None:
+            query = query.where(c.created_at >= since)
+        if until is not None:
+            query = query.where(c.created_at < until)
         query = query.order_by(first, c.id)
         self._ready()
         with _answering(self.shown), self._engine.connect() as connection:
