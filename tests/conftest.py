@@ -23,6 +23,7 @@ import pytest
 import ray
 from leftovers import left_behind, mark_session
 from multinode import start_cluster, wait_for_dashboard
+from postgres import Postgres
 from moto.server import ThreadedMotoServer
 from ray import serve
 
@@ -159,6 +160,26 @@ def tiny_lora_entry(ray_cluster) -> str:
 def artifacts() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL on a loopback port, from initdb in a temporary directory
+    (tests/postgres.py); stopped and removed at the end of the session."""
+    server = Postgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def feedback_db(request, tmp_path) -> str:
+    """A fresh, empty feedback database URL: a sqlite file, or a database on the session's server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/feedback.db"
+    return request.getfixturevalue("postgres").create_database(f"t{secrets.token_hex(6)}")
 
 
 @dataclass

@@ -576,6 +576,22 @@ def test_chat_login_comes_from_the_secret(overlay):
         assert Path(args.users_file).parent == Path(mount["mountPath"]) and mount["readOnly"]
 
 
+def test_the_feedback_database_url_comes_from_the_secret(overlay):
+    """Every pod the page's replica may run on reads the URL (a password in it) from the
+    Secret; none is written into serveConfigV2, whose args Ray logs."""
+    from attune.ui.serve import ChatAppArgs
+
+    _, docs = overlay
+    (service,) = of_kind(docs, "RayService")
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (page,) = [a for a in config["applications"] if a["import_path"] == "attune.ui:build_app"]
+    assert ChatAppArgs(**page["args"]).feedback_db is None
+    for group, pod in pod_specs(service["spec"]["rayClusterConfig"]):
+        (variable,) = [e for e in pod["containers"][0]["env"] if e["name"] == "ATTUNE_FEEDBACK_DB"]
+        assert variable["valueFrom"]["secretKeyRef"] == {
+            "name": "attune-feedback-db", "key": "url", "optional": True}, group
+
+
 def test_serve_workers_are_ready_on_the_health_route(overlay):
     _, docs = overlay
     (service,) = of_kind(docs, "RayService")

@@ -25,16 +25,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--auth", choices=["login", "none"], default="login",
                         help="none: serve the page without a login on any address (default: login, "
                         "required off loopback)")
-    parser.add_argument("--feedback-db", help="where thumbs and corrections of answers go: a "
-                        "SQLAlchemy URL (default: $ATTUNE_FEEDBACK_DB, else sqlite under $ATTUNE_HOME)")
+    parser.add_argument("--feedback-db", help="where thumbs and corrections of answers go: "
+                        "postgresql://user:password@host/db, or any SQLAlchemy URL (default: "
+                        "$ATTUNE_FEEDBACK_DB, else sqlite under $ATTUNE_HOME)")
     parser.add_argument("--no-feedback", action="store_true", help="answers take no feedback")
 
 
 def run(args) -> int:
     import sys
 
-    from attune.feedback import FeedbackStore
     from attune.ui import build_page, launch_page
+    from attune.ui.feedback import open_store
     from attune.ui.users import UsersError, page_login
 
     try:
@@ -43,7 +44,7 @@ def run(args) -> int:
     except (UsersError, OSError) as e:
         print(f"attune: {e}", file=sys.stderr)
         return 2
-    feedback = None if args.no_feedback else FeedbackStore(args.feedback_db)
+    feedback = None if args.no_feedback else open_store(args.feedback_db)
     page = build_page(args.endpoint, model=args.model, compare_model=args.compare_model,
                       feedback=feedback)
     print(f"[attune] chat page for {args.endpoint} at http://{args.host}:{args.port}/ (Ctrl-C to stop)",

@@ -79,14 +79,17 @@ def build_page(endpoint: str, *, model: str | None = None, compare_model: str | 
 
     def rate(turns, liked: gr.LikeData, request: gr.Request):
         if (i := page_feedback.answered_turn(turns, liked.index)) is not None:
-            page_feedback.rate(feedback, turns[i], liked.liked, request.username)
+            if notice := page_feedback.rate(feedback, turns[i], liked.liked, request.username):
+                gr.Warning(notice)  # the chat goes on; the person knows their mark is not kept
 
     def correct(turns, edit: gr.EditData, request: gr.Request):
         """An edited answer is a correction; an edited question is put back as it was asked."""
         turns = list(turns)
         if (i := page_feedback.answered_turn(turns, edit.index)) is not None:
-            turns[i] = page_feedback.correct(feedback, turns[i], _answer_of(edit.value),
-                                             request.username)
+            turns[i], notice = page_feedback.correct(feedback, turns[i], _answer_of(edit.value),
+                                                     request.username)
+            if notice:
+                gr.Warning(notice)
         return _render(turns), turns
 
     with gr.Blocks(title=title, fill_height=True) as page:

@@ -46,9 +46,11 @@ class ChatAppArgs(StrictConfig):
                                    "Secret; `attune chat-user add` writes it), read at each login; "
                                    "else ATTUNE_CHAT_USERS_FILE from the environment.")
     feedback: bool = Field(True, description="Answers take thumbs up/down and corrections.")
-    feedback_db: str | None = Field(None, description="SQLAlchemy URL of the feedback database "
-                                    "(a server the team shares, on a cluster); else "
-                                    "ATTUNE_FEEDBACK_DB, else sqlite under the replica's ATTUNE_HOME.")
+    feedback_db: str | None = Field(None, description="URL of the feedback database: "
+                                    "postgresql://... (a server every replica shares, on a "
+                                    "cluster) or any SQLAlchemy URL; else ATTUNE_FEEDBACK_DB (on "
+                                    "Kubernetes: from a Secret), else sqlite under the replica's "
+                                    "ATTUNE_HOME. Not here if it holds a password: args are logged.")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})  # the page waits on the endpoint; no CPU of its own
@@ -64,13 +66,13 @@ class ChatPage:
         # Built in the replica: a Gradio app holds threads and locks that do not pickle.
         from fastapi import FastAPI
 
-        from attune.feedback import FeedbackStore
+        from attune.ui.feedback import open_store
         from attune.ui.page import build_page, mount_page
 
         key_file = self.args.api_key_file
         api_key = (Path(key_file).read_text().split()[0]
                    if key_file and Path(key_file).is_file() else None)
-        feedback = FeedbackStore(self.args.feedback_db) if self.args.feedback else None
+        feedback = open_store(self.args.feedback_db) if self.args.feedback else None
         page = build_page(self.args.endpoint, model=self.args.model, api_key=api_key,
                           compare_model=self.args.compare_model, title=self.args.title,
                           feedback=feedback)
