@@ -42,15 +42,17 @@ def marked_processes(marker: str) -> dict[int, str]:
 
 
 def orphaned_ray_processes(cwd: Path) -> dict[int, str]:
-    """Ray's processes whose parent is gone, working in `cwd`, that carry no session's marker:
+    """Ray's processes whose raylet is gone, working in `cwd`, that carry no session's marker:
     Ray's agents retitle themselves (setproctitle) over the start of their environment, marker
     included, and outlive a raylet that was killed. pid -> command line."""
     found = {}
     for entry in Path("/proc").iterdir():
         try:
-            if (not entry.name.isdigit()
-                    or (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] != "1"
-                    or os.readlink(entry / "cwd") != str(cwd)):
+            if not entry.name.isdigit() or os.readlink(entry / "cwd") != str(cwd):
+                continue
+            state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            # a zombie is gone already; a raylet's agents and workers are its to end
+            if state == "Z" or Path(f"/proc/{parent}/comm").read_text().strip() == "raylet":
                 continue
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             marked = f"{MARKER}=".encode() in (entry / "environ").read_bytes()

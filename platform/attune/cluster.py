@@ -94,7 +94,7 @@ def _kill_ray_processes_started_here() -> None:
     """What a failed start left: Ray's daemons below this process, with the agents and workers
     they started (the node object that would stop them was never made). Only processes run
     from Ray's own package and theirs: a library user's other children stay."""
-    import psutil
+    import psutil  # Ray's own copy (ray/thirdparty_files) if no other: importable once ray is
 
     ray_dir = os.path.dirname(ray.__file__)
     for process in psutil.Process().children():
