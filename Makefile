@@ -17,12 +17,14 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 # Exactly the lock's set (docs/dependencies.md): torch first from its own source, then every
-# other package by hash, then attune itself with nothing more.
+# other package by hash, then attune itself with nothing more. Bytecode compiled at install:
+# where PYTHONDONTWRITEBYTECODE is set (many CI images and containers) every process would
+# compile torch, Ray and vLLM again on each start.
 $(STAMP): pyproject.toml requirements/cpu-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	test -x $(UV) || $(PY) -m pip install -q 'uv==$(UV_VERSION)'
 	$(UV) pip install -q --python $(PY) $(TORCH_SOURCE) 'torch==2.13.0+cpu'
-	$(UV) pip install -q --python $(PY) --require-hashes --no-deps -r requirements/cpu-dev.txt
+	$(UV) pip install -q --python $(PY) --require-hashes --no-deps --compile-bytecode -r requirements/cpu-dev.txt
 	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
