@@ -23,7 +23,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements/cpu-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	test -x $(UV) || $(PY) -m pip install -q 'uv==$(UV_VERSION)'
-	$(UV) pip install -q --python $(PY) $(TORCH_SOURCE) 'torch==2.13.0+cpu'
+	$(UV) pip install -q --python $(PY) --compile-bytecode $(TORCH_SOURCE) 'torch==2.13.0+cpu'
 	$(UV) pip install -q --python $(PY) --require-hashes --no-deps --compile-bytecode -r requirements/cpu-dev.txt
 	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
