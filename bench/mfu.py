@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from attune.loop import Loop, train_loop
+from attune.train.loop import Loop, train_loop
 from attune.recipe import Recipe
 
 SHAPES = {
@@ -82,7 +82,7 @@ def packed_batches(batch: int, seq: int, vocab: int):
 def planned_gib(recipe: Recipe, model_dir: Path) -> float | None:
     """The memory plan's per-device total for this recipe, where attune has the plan."""
     try:
-        from attune.memory_plan import plan_recipe
+        from attune.train.memory_plan import plan_recipe
     except ImportError:
         return None
     return plan_recipe(recipe, str(model_dir)).total_bytes / 2**30

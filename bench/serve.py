@@ -199,7 +199,7 @@ def main() -> None:
 
     from attune.answers import qa_pairs
     from attune.recipe import load_recipe
-    from attune.trainer import fine_tune
+    from attune.train.trainer import fine_tune
 
     entry = fine_tune(load_recipe("recipes/tiny-full.yaml"))  # resumes if already trained
     ray.shutdown()  # the training cluster would idle beside both servers

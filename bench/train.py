@@ -25,9 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from attune import data, modeling  # noqa: E402
+from attune import modeling# noqa: E402
+from attune.train import datasets
+from attune.train.datasets import local_rows
+from attune.train.records import read_records
+from attune.train.rows import pack
+from attune.train.tokenizing import tokenize
 from attune.recipe import load_recipe  # noqa: E402
-from attune.loop import Loop, train_loop  # noqa: E402
+from attune.train.loop import Loop, train_loop  # noqa: E402
 
 THREADS = 2
 STEPS = 60
@@ -41,17 +46,17 @@ OVERRIDES = [f"optim.max_steps={STEPS}", "optim.micro_batch_size=4", "optim.warm
 
 def plain_tokens_per_s(recipe, base: str) -> float:
     torch.set_num_threads(THREADS)
-    records = data.read_records(recipe.data.train_files, recipe.data.format)
-    rows = data.local_rows(records, base, None, recipe.data.max_seq_len, recipe.data.packing)
+    records = read_records(recipe.data.train_files, recipe.data.format)
+    rows = local_rows(records, recipe.method.objective, base, None, recipe.data.max_seq_len, recipe.data.packing)
     micro = recipe.optim.micro_batch_size
     metrics = train_loop(recipe, base, Loop(
-        train_batches=lambda epoch: data.batches(rows, micro, seed=epoch),
+        train_batches=lambda epoch: datasets.batches(rows, micro, seed=epoch),
         steps_per_epoch=math.ceil(len(rows) / micro), checkpoint_root=None))
     return metrics["tokens_per_s"]
 
 
 def ray_tokens_per_s(recipe) -> float:
-    from attune.trainer import fine_tune
+    from attune.train.trainer import fine_tune
 
     entry = fine_tune(recipe)
     return json.loads((Path(entry) / "attune.json").read_text())["final_metrics"]["tokens_per_s"]
@@ -59,12 +64,12 @@ def ray_tokens_per_s(recipe) -> float:
 
 def packing_efficiency(recipe, base: str) -> dict:
     tokenizer = modeling.load_tokenizer(base)
-    records = data.read_records(recipe.data.train_files, recipe.data.format)
-    lengths = [len(data.tokenize(r, tokenizer, 512)["input_ids"]) for r in records]
+    records = read_records(recipe.data.train_files, recipe.data.format)
+    lengths = [len(tokenize(r, tokenizer, 512)["input_ids"]) for r in records]
     out = {}
     for seq in (256, 512, 1024):
         samples = [{"input_ids": [0] * n, "labels": [0] * n} for n in lengths]
-        rows = data.pack(samples, seq, pad_id=0)
+        rows = pack(samples, seq, pad_id=0)
         out[f"packed_{seq}"] = sum(lengths) / (len(rows) * seq)
     micro = recipe.optim.micro_batch_size
     order = np.random.default_rng(0).permutation(len(lengths))

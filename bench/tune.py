@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/tune.py [--seeds 2] [--samples 32] [--overhead-trials 16] [--overhead-only]
 
-1. Search efficiency. Each trial fine-tunes the tiny model for 300 steps with attune.loop in
+1. Search efficiency. Each trial fine-tunes the tiny model for 300 steps with attune.train.loop in
    the trial's own process (no Train worker group, to keep trials cheap) and reports eval loss
    every 10 steps, over lr log-uniform in 1e-5..1e-1 and warmup 0..20 steps. ASHA (grace period
    20 steps, so a long warmup is not cut early; reduction factor 3) and random search (FIFO)
@@ -41,8 +41,8 @@ def real_trial(config: dict, recipe_raw: dict, rows: list, eval_rows: list, base
     """The tiny model's fine-tune with this trial's lr and warmup, eval loss every EVAL_EVERY steps."""
     import torch
 
-    from attune import data
-    from attune.loop import Loop, train_loop
+    from attune.train.datasets import batches
+    from attune.train.loop import Loop, train_loop
     from attune.tune.config import trial_recipe
 
     torch.set_num_threads(1)  # one core per trial, two trials at a time
@@ -54,22 +54,24 @@ def real_trial(config: dict, recipe_raw: dict, rows: list, eval_rows: list, base
         tune.report({"step": metrics["step"], "eval_loss": metrics["eval_loss"]})
 
     train_loop(recipe, base, Loop(
-        train_batches=lambda epoch: data.batches(rows, micro, seed=epoch),
-        eval_batches=lambda: data.batches(eval_rows, micro, seed=0),
+        train_batches=lambda epoch: batches(rows, micro, seed=epoch),
+        eval_batches=lambda: batches(eval_rows, micro, seed=0),
         steps_per_epoch=math.ceil(len(rows) / micro), report=report, checkpoint_root=None))
 
 
 def tiny_recipe_and_rows() -> tuple[dict, list, list, str]:
-    from attune import data, modeling
+    from attune import modeling
+    from attune.train.datasets import local_rows
+    from attune.train.records import read_records, split_eval
     from attune.recipe import load_recipe
 
     recipe = load_recipe(RECIPE, [f"optim.max_steps={MAX_STEPS}", f"eval.every_steps={EVAL_EVERY}",
                                   f"checkpoint.every_steps={MAX_STEPS}"])
     base = modeling.resolve(recipe.model.name_or_path)
     d = recipe.data
-    train, held_out = data.split_eval(data.read_records(d.train_files, d.format), d.eval_fraction,
+    train, held_out = split_eval(read_records(d.train_files, d.format), d.eval_fraction,
                                       recipe.optim.seed)
-    rows = [data.local_rows(r, base, d.chat_template, d.max_seq_len, d.packing) for r in (train, held_out)]
+    rows = [local_rows(r, recipe.method.objective, base, d.chat_template, d.max_seq_len, d.packing) for r in (train, held_out)]
     return recipe.model_dump(mode="json"), rows[0], rows[1], base
 
 

@@ -32,7 +32,7 @@ from attune.modeling import ensure_tiny_llama
 from attune.recipe import load_recipe
 from attune.serve import ServeConfig
 from attune.serve.local import run
-from attune.trainer import fine_tune
+from attune.train.trainer import fine_tune
 
 pytest_plugins = ["timings"]  # tests/artifacts/timings.json: where the suite's time goes
 

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from attune import data
-from attune.loop import Loop, train_loop
+from attune.train.datasets import local_rows
+from attune.train.records import read_records
+from attune.train.loop import Loop, train_loop
 from attune.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,8 +41,8 @@ def main() -> None:
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
 
     recipe = load_recipe(REPO / "recipes/tiny-full.yaml")
-    records = data.read_records(recipe.data.train_files, recipe.data.format)[:64]
-    rows = data.local_rows(records, args.base, None, 128, packing=True)
+    records = read_records(recipe.data.train_files, recipe.data.format)[:64]
+    rows = local_rows(records, "sft", args.base, None, 128, packing=True)
 
     def batches(epoch: int):
         for start in range(0, len(rows) - GLOBAL_BATCH + 1, GLOBAL_BATCH):

@@ -10,7 +10,7 @@ from attune.config import ConfigError
 from attune.recipe import load_recipe
 from attune.serve import ServeConfig
 from attune.serve.local import run
-from attune.trainer import fine_tune
+from attune.train.trainer import fine_tune
 
 
 def test_bundles_are_placed_on_nodes_whole():

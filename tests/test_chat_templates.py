@@ -11,7 +11,8 @@ import shutil
 
 import pytest
 
-from attune import chat_templates, data, modeling, registry
+from attune import chat_templates, modeling, registry
+from attune.train.tokenizing import IGNORE, tokenize_chat
 from attune.config import ConfigError
 from attune.tiny_models import TINY_MODELS
 
@@ -27,7 +28,7 @@ END = {"attune:tiny-llama": "</s>", "attune:tiny-qwen2": "<|im_end|>",
 def labelled_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
     runs, run = [], []
     for i, label in zip(ids, labels):
-        if label != data.IGNORE:
+        if label != IGNORE:
             assert label == i
             run.append(i)
         elif run:
@@ -43,7 +44,7 @@ def tokenizer_of(name: str, chat_template: str | None = None):
 def test_labels_are_each_answer_and_its_end_of_turn(attune_home, name):
     tokenizer = tokenizer_of(name)
     assert chat_templates.end_of_turn(tokenizer) == END[name] == tokenizer.eos_token
-    ids, labels = data._tokenize_chat(CHAT, tokenizer)
+    ids, labels = tokenize_chat(CHAT, tokenizer)
     runs = labelled_runs(ids, labels)
     # nothing of the prompt, the roles or what the template writes after the end of turn
     assert [tokenizer.decode(run) for run in runs] == [f"12.{END[name]}", f"Google.{END[name]}"]
@@ -77,7 +78,7 @@ def test_a_user_chatml_template_on_tiny_llama_ends_turns_where_vllm_stops(attune
     assert tokenizer.eos_token == "<|im_end|>"
     assert tokenizer.encode("<|im_end|>", add_special_tokens=False) == [im_end]
     assert im_end < modeling.model_config(base).vocab_size  # one of the model's spare rows
-    ids, labels = data._tokenize_chat(CHAT, tokenizer)
+    ids, labels = tokenize_chat(CHAT, tokenizer)
     assert [run[-1] for run in labelled_runs(ids, labels)] == [im_end, im_end]
 
     entry = tmp_path / "entry"  # a full fine-tune's entry as the registry writes it
@@ -103,8 +104,8 @@ def test_vllm_renders_a_chat_as_training_does(attune_home):
 
     for name in TINY_MODELS:
         path = modeling.resolve(name)
-        ids, labels = data._tokenize_chat(CHAT[:3], tokenizer_of(name))
-        prompt = ids[:next(i for i, label in enumerate(labels) if label != data.IGNORE)]
+        ids, labels = tokenize_chat(CHAT[:3], tokenizer_of(name))
+        prompt = ids[:next(i for i, label in enumerate(labels) if label != IGNORE)]
         served = safe_apply_chat_template(ModelConfig(model=path, tokenizer=path),
                                           get_tokenizer(path), CHAT[:2], add_generation_prompt=True)
         assert served == prompt, name

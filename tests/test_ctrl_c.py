@@ -30,7 +30,7 @@ def test_ctrl_c_after_training_stops_the_process(tmp_path):
     handler, left installed by fit(), swallowed every later Ctrl-C."""
     script = ("import time\n"
               "from attune.recipe import load_recipe\n"
-              "from attune.trainer import fine_tune\n"
+              "from attune.train.trainer import fine_tune\n"
               "fine_tune(load_recipe('recipes/tiny-full.yaml', ['optim.max_steps=4', "
               "'optim.warmup_steps=1', 'scaling.num_workers=1', 'eval.every_steps=4']))\n"
               "print('trained, now waiting', flush=True)\n"

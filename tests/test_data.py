@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from attune import corpus, data
-from attune.loop import token_losses
-from attune.loss import CausalLMLoss
+from attune import corpus
+from attune.train.datasets import Tokenize, as_items
+from attune.train.methods.dpo import tokenize_pair
+from attune.train.records import DataError, read_records, split_eval
+from attune.train.rows import pack, pad
+from attune.train.tokenizing import IGNORE, tokenize
+from attune.train.loss import CausalLMLoss
+from attune.train.methods.sft import NextTokenLoss
 
 
 @pytest.fixture(scope="module")
@@ -42,24 +47,24 @@ def test_bundled_datasets_are_what_the_generator_writes(tmp_path):
 ])
 def test_a_bad_preference_line_names_its_file_and_line(tmp_path, row, message):
     path = write_jsonl(tmp_path, [{"prompt": "Q?", "chosen": "A.", "rejected": "B."}, row])
-    with pytest.raises(data.DataError, match=rf"d\.jsonl:2: .*{re.escape(message)}"):
-        data.read_records([path], "preference")
+    with pytest.raises(DataError, match=rf"d\.jsonl:2: .*{re.escape(message)}"):
+        read_records([path], "preference")
 
 
 def test_a_preference_pair_is_labelled_on_its_answers_only(tiny_base):
     from attune.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_base)
-    (record,) = data.read_records(["data/transformer_qa_preferences.jsonl"], "preference")[1:2]
-    rows = data.Tokenize(tiny_base, None, 64, packing=False)(
-        {key: [value] for key, value in data.as_items([record])[0].items()})
+    (record,) = read_records(["data/transformer_qa_preferences.jsonl"], "preference")[1:2]
+    rows = Tokenize("dpo", tiny_base, None, 64, packing=False)(
+        {key: [value] for key, value in as_items([record])[0].items()})
     assert {key: value.shape for key, value in rows.items()} == {
         "num_tokens": (1,), "chosen_input_ids": (1, 64), "chosen_labels": (1, 64),
         "rejected_input_ids": (1, 64), "rejected_labels": (1, 64)}
-    sides = data.tokenize_pair(record, tokenizer, 64)["sides"]
+    sides = tokenize_pair(record, tokenizer, 64)["sides"]
     for side in ("chosen", "rejected"):
         ids, labels = sides[side]
-        answer = tokenizer.decode([t for t, l in zip(ids, labels) if l != data.IGNORE])
+        answer = tokenizer.decode([t for t, l in zip(ids, labels) if l != IGNORE])
         assert answer == getattr(record, side) + tokenizer.eos_token
 
 
@@ -69,21 +74,21 @@ def test_a_preference_pair_is_labelled_on_its_answers_only(tiny_base):
     ("alpaca", {"instruction": "Q?", "input": "", "output": "A."}),
 ])
 def test_chat_formats_train_only_on_the_assistant_answer(tmp_path, tokenizer, fmt, row):
-    (record,) = data.read_records([write_jsonl(tmp_path, [row])], fmt)
-    sample = data.tokenize(record, tokenizer, 128)
-    trained = [t for t, label in zip(sample["input_ids"], sample["labels"]) if label != data.IGNORE]
+    (record,) = read_records([write_jsonl(tmp_path, [row])], fmt)
+    sample = tokenize(record, tokenizer, 128)
+    trained = [t for t, label in zip(sample["input_ids"], sample["labels"]) if label != IGNORE]
     assert tokenizer.decode(trained) == "A." + tokenizer.eos_token
     assert "Q?" in tokenizer.decode(sample["input_ids"])
 
 
 def test_alpaca_input_joins_the_instruction(tmp_path):
-    (record,) = data.read_records([write_jsonl(tmp_path, [{"instruction": "Sum", "input": "1 2", "output": "3"}])], "alpaca")
+    (record,) = read_records([write_jsonl(tmp_path, [{"instruction": "Sum", "input": "1 2", "output": "3"}])], "alpaca")
     assert record.messages[0]["content"] == "Sum\n\n1 2"
 
 
 def test_text_format_trains_on_every_token(tmp_path, tokenizer):
-    (record,) = data.read_records([write_jsonl(tmp_path, [{"text": "attention is all"}])], "text")
-    sample = data.tokenize(record, tokenizer, 128)
+    (record,) = read_records([write_jsonl(tmp_path, [{"text": "attention is all"}])], "text")
+    sample = tokenize(record, tokenizer, 128)
     assert sample["labels"] == sample["input_ids"]
     assert sample["input_ids"][-1] == tokenizer.eos_token_id
 
@@ -101,8 +106,8 @@ def test_a_bad_line_is_reported_with_file_and_line(tmp_path, line, fmt, message)
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
             "prompt": "q", "completion": "a", "text": "t"}
     path = write_jsonl(tmp_path, [good, "", line])
-    with pytest.raises(data.DataError) as e:
-        data.read_records([path], fmt)
+    with pytest.raises(DataError) as e:
+        read_records([path], fmt)
     assert str(e.value).startswith(f"{path}:3: ") and message in str(e.value)
 
 
@@ -111,9 +116,9 @@ def test_packing_keeps_samples_apart(tiny_base, tokenizer):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
-    records = data.read_records(["data/transformer_qa.jsonl"], "messages")[:12]
-    samples = [data.tokenize(r, tokenizer, 256) for r in records]
-    (packed,) = data.pack(samples, 256, tokenizer.pad_token_id)
+    records = read_records(["data/transformer_qa.jsonl"], "messages")[:12]
+    samples = [tokenize(r, tokenizer, 256) for r in records]
+    (packed,) = pack(samples, 256, tokenizer.pad_token_id)
 
     def batch(rows):
         return {k: torch.as_tensor(np.stack([r[k] for r in rows])) for k in rows[0]}
@@ -122,7 +127,7 @@ def test_packing_keeps_samples_apart(tiny_base, tokenizer):
         logits = model(input_ids=batch([packed])["input_ids"],
                        position_ids=batch([packed])["position_ids"], use_cache=False).logits[0]
         with_loss = CausalLMLoss(model)
-        alone = [token_losses(with_loss, batch(data.pad([s], 256, tokenizer.pad_token_id)))[0]
+        alone = [NextTokenLoss()(with_loss, batch(pad([s], 256, tokenizer.pad_token_id)))[0]
                  for s in sorted(samples, key=lambda s: len(s["input_ids"]), reverse=True)]
     labels = torch.as_tensor(packed["labels"])
     per_token = torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100,
@@ -137,17 +142,17 @@ def test_packing_keeps_samples_apart(tiny_base, tokenizer):
 
 @pytest.mark.parametrize("seq", [256, 512, 1024])
 def test_packing_uses_the_fewest_rows_and_drops_nothing(tokenizer, seq):
-    records = data.read_records(["data/transformer_qa.jsonl"], "messages")
-    samples = [data.tokenize(r, tokenizer, seq) for r in records]
-    rows = data.pack(samples, seq, tokenizer.pad_token_id)
+    records = read_records(["data/transformer_qa.jsonl"], "messages")
+    samples = [tokenize(r, tokenizer, seq) for r in records]
+    rows = pack(samples, seq, tokenizer.pad_token_id)
     total = sum(len(s["input_ids"]) for s in samples)
     assert sum(int(r["num_tokens"]) for r in rows) == total
     assert len(rows) <= -(-total // seq) + 1  # at most one row above the ceil(total / seq) bound
 
 
 def test_eval_split_is_seeded_and_disjoint(tmp_path):
-    records = data.read_records(["data/transformer_qa.jsonl"], "messages")
-    train, held = data.split_eval(records, 0.1, seed=3)
+    records = read_records(["data/transformer_qa.jsonl"], "messages")
+    train, held = split_eval(records, 0.1, seed=3)
     assert len(held) == int(len(records) * 0.1) and len(train) + len(held) == len(records)
     assert not {r.source for r in train} & {r.source for r in held}
-    assert [r.source for r in data.split_eval(records, 0.1, seed=3)[1]] == [r.source for r in held]
+    assert [r.source for r in split_eval(records, 0.1, seed=3)[1]] == [r.source for r in held]

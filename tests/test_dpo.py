@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import train
 from attune import corpus
 from attune.answers import greedy_answers, load_for_generation
-from attune.loss import IGNORE, CausalLMLoss
-from attune.objectives import DPOLoss, adapters_off, pair_inputs
+from attune.train.loss import IGNORE, CausalLMLoss
+from attune.train.methods.dpo import DPOLoss, adapters_off, pair_inputs
 
 
 def _import_trl():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from attune import trainer
+from attune.train import trainer
 from attune.cli import main
 from attune.config import ConfigError
 from attune.recipe import load_recipe

@@ -17,13 +17,14 @@ import pytest
 from openai import OpenAI
 from ray import serve
 
-from attune import chat_templates, data
+from attune import chat_templates
+from attune.train.tokenizing import IGNORE, tokenize_chat
 from attune.answers import greedy_answers, load_for_generation, qa_pairs
 from attune.modeling import load_tokenizer
 from attune.recipe import load_recipe
 from attune.serve import ServeConfig
 from attune.serve.local import run
-from attune.trainer import fine_tune
+from attune.train.trainer import fine_tune
 from conftest import API_KEY, REPO
 
 pytestmark = pytest.mark.slow
@@ -80,9 +81,9 @@ def test_every_family_answers_and_stops_where_its_template_ends_a_turn(families)
                        for r in replies), model
         # the prompt vLLM built is the one training put before an answer, token for token
         for question, reply in zip(QUESTIONS, replies):
-            ids, labels = data._tokenize_chat([{"role": "user", "content": question},
+            ids, labels = tokenize_chat([{"role": "user", "content": question},
                                                {"role": "assistant", "content": "x"}], tokenizer)
-            prompt = next(i for i, label in enumerate(labels) if label != data.IGNORE)
+            prompt = next(i for i, label in enumerate(labels) if label != IGNORE)
             assert reply.usage.prompt_tokens == prompt, (model, question)
 
 

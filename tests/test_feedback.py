@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from attune import data
+from attune.train.records import read_records
 from attune.cli import main
 from attune.config import ConfigError
 from attune.feedback import Feedback, FeedbackStore, export
@@ -36,12 +36,12 @@ def test_the_latest_opinion_on_an_answer_counts_and_exports_as_data_the_recipes_
 
     dpo = export(store, "dpo", tmp_path / "dpo.jsonl", model="tiny-full")
     assert (dpo.lines, dict(dpo.skipped)) == (1, {THUMBS_UP_ONLY: 1, THUMBS_DOWN_ONLY: 1})
-    pairs = data.read_records([str(tmp_path / "dpo.jsonl")], "preference")
+    pairs = read_records([str(tmp_path / "dpo.jsonl")], "preference")
     assert [(r.messages, r.chosen, r.rejected) for r in pairs] == [(ASKED, "It has 12 layers.", "12.")]
 
     sft = export(store, "sft", tmp_path / "sft.jsonl", model="tiny-full")
     assert (sft.lines, dict(sft.skipped)) == (2, {THUMBS_DOWN_ONLY: 1})
-    chats = data.read_records([str(tmp_path / "sft.jsonl")], "messages")
+    chats = read_records([str(tmp_path / "sft.jsonl")], "messages")
     # in the order the answers were first marked, whatever order their later marks came in
     assert [r.messages[-1]["content"] for r in chats] == ["It has 12 layers.", "Google."]
     assert export(store, "sft", tmp_path / "all.jsonl").lines == 3

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from attune import data
+from attune.train.datasets import batches, local_rows
+from attune.train.records import read_records
 from attune.recipe import load_recipe
-from attune.loop import Loop, train_loop
+from attune.train.loop import Loop, train_loop
 
 REPO = Path(__file__).resolve().parents[1]
 # A constant lr, so the lr a step reports is the recipe's own; a report at every step.
@@ -23,15 +24,15 @@ QUICK = ["optim.max_steps=4", "optim.warmup_steps=0", "optim.schedule=constant",
 @pytest.fixture(scope="module")
 def rows(tiny_base):
     recipe = load_recipe(REPO / "recipes/tiny-full.yaml")
-    records = data.read_records(recipe.data.train_files, recipe.data.format)[:16]
-    return data.local_rows(records, tiny_base, None, recipe.data.max_seq_len, packing=True)
+    records = read_records(recipe.data.train_files, recipe.data.format)[:16]
+    return local_rows(records, recipe.method.objective, tiny_base, None, recipe.data.max_seq_len, packing=True)
 
 
 def run(rows, base: str, checkpoints: Path, *overrides: str, resume_from=None, stop_at=None):
     recipe = load_recipe(REPO / "recipes/tiny-full.yaml", [*QUICK, *overrides])
     reports = []
     train_loop(recipe, base, Loop(
-        train_batches=lambda epoch: data.batches(rows, 2, seed=epoch),
+        train_batches=lambda epoch: batches(rows, 2, seed=epoch),
         steps_per_epoch=math.ceil(len(rows) / 2), resume_from=resume_from, stop_at=stop_at,
         checkpoint_root=str(checkpoints), report=lambda m, ckpt: reports.append((m, ckpt))))
     return reports
@@ -60,9 +61,9 @@ def test_a_run_resumed_at_its_end_reports_its_last_result_again(rows, tiny_base,
 
 
 def test_eval_batches_are_kept_only_after_a_whole_pass():
-    """A worker keeps its eval batches after reading them once (attune.trainer); a pass cut
+    """A worker keeps its eval batches after reading them once (attune.train.trainer); a pass cut
     short must not leave a partial set to evaluate on from then on."""
-    from attune.trainer import _recording
+    from attune.train.trainer import _recording
 
     cache: list = []
     partial = _recording(iter(range(3)), cache)

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 from transformers import LlamaConfig
 
-from attune import capacity, preflight, trainer
+from attune import capacity
+from attune.train import preflight, trainer
 from attune.cli import main
 from attune.config import ConfigError
-from attune.memory_plan import GiB, model_shape, plan, plan_recipe, with_overrides
+from attune.train.memory_plan import GiB, model_shape, plan, plan_recipe, with_overrides
 from attune.modeling import model_config
 from attune.recipe import Recipe, load_recipe
 

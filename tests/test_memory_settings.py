@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from attune.loop import measured_peak_bytes
+from attune.train.memory_profile import measured_peak_bytes
 from attune.recipe import Recipe
 from attune.tiny_models import ensure_tiny
 

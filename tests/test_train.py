@@ -9,7 +9,7 @@ import pytest
 
 from attune.answers import exact_match, greedy_answers, load_for_generation, qa_pairs
 from attune.recipe import load_recipe
-from attune.trainer import fine_tune
+from attune.train.trainer import fine_tune
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import sys
 from attune.cluster import exit_now
 from attune.config import ConfigError
 from attune.console import VERBOSE_ENV
-from attune.data import DataError
+from attune.train.records import DataError
 
 # name -> module in attune.commands (each has HELP, add_arguments, run)
 COMMANDS = {

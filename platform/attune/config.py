@@ -69,9 +69,11 @@ def _check_path(parts: list[str], schema: type[BaseModel]) -> None:
         fields = getattr(model, "model_fields", None)
         if fields is None:
             raise ConfigError(f"{'.'.join(parts)}: {'.'.join(parts[:i])} has no sub-keys")
+        if hasattr(model, "extra_fields"):  # a section that takes more keys (a method's own)
+            fields = {**fields, **model.extra_fields()}
         if part not in fields:
             raise ConfigError(_unknown_key_message(".".join(parts[: i + 1]), part, fields))
-        model = fields[part].annotation
+        model = getattr(fields[part], "annotation", fields[part])
 
 
 def _unknown_key_message(path: str, key: str, known) -> str:
@@ -88,15 +90,26 @@ def validate(schema: type[BaseModel], raw: dict, source: str):
         raise ConfigError(f"{source}: " + "; ".join(_describe(err, schema) for err in e.errors())) from None
 
 
-def _describe(err: dict, schema: type[BaseModel]) -> str:
+def validate_section(schema: type[BaseModel], raw: dict, path: str):
+    """Validate a section's keys inside another config's validator: a ValueError whose message
+    names each key under `path` (e.g. `method.beta`)."""
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        raise ValueError("; ".join(_describe({**err, "loc": (path, *err["loc"])}, schema, root=path)
+                                   for err in e.errors())) from None
+
+
+def _describe(err: dict, schema: type[BaseModel], root: str | None = None) -> str:
+    """One error in words; `root`: the first part of the path is a section `schema` itself is."""
     path = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         parent: Any = schema
-        for p in err["loc"][:-1]:
+        for p in err["loc"][1 if root else 0:-1]:
             parent = parent.model_fields[p].annotation if hasattr(parent, "model_fields") else parent
         known = getattr(parent, "model_fields", {})
         return _unknown_key_message(path, str(err["loc"][-1]), known)
     message = err["msg"].removeprefix("Value error, ")
-    if not path:
+    if not path or message.startswith(path + "."):  # a section's own validator named the key
         return message
     return f"{path}: {message} (got {err.get('input')!r})"

@@ -26,7 +26,7 @@ from attune.console import VERBOSE_ENV, verbose
 from attune.recipe import load_recipe
 from attune.serve.config import config_from_recipe
 from attune.serve.local import run
-from attune.trainer import fine_tune
+from attune.train.trainer import fine_tune
 from attune.ui import build_page, launch_page
 
 RECIPE = "recipes/tiny-full.yaml"

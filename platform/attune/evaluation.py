@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 
-from attune import data
+from attune.train.datasets import local_rows
+from attune.train.records import files_hash, read_records
 from attune.config import ConfigError
 from attune.harness import check_endpoint, harness_scores
 from attune.registry import read_manifest, update_manifest
@@ -48,7 +49,7 @@ def evaluate(location: str, data_file: str, data_format: str = "messages",
              batch_size: int = 16, served: Served | None = None) -> dict:
     """Score the entry at `location` on `data_file` (and, where it is `served`, with the harness's
     tasks) and write the scores into its manifest as `eval`; returns that record."""
-    records = data.read_records([data_file], data_format)  # a bad line names its file and line
+    records = read_records([data_file], data_format)  # a bad line names its file and line
     recipe = read_manifest(location)["recipe"]
     if served:  # before the scoring, not after it
         check_endpoint(served.base_url, served.api_key, served.model)
@@ -69,7 +70,7 @@ def evaluate(location: str, data_file: str, data_format: str = "messages",
     if served:
         scores.update(harness_scores(served.base_url, served.api_key, served.model, pairs,
                                      served.tasks))
-    record = {"scores": scores, "data": data_file, "data_sha256": data.files_hash([data_file]),
+    record = {"scores": scores, "data": data_file, "data_sha256": files_hash([data_file]),
               "examples": len(records),
               "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     manifest = update_manifest(location, {"eval": record})
@@ -81,9 +82,9 @@ def _eval_loss(model, path: str, records: list, max_seq_len: int, batch_size: in
     # torch loads only to score, as above
     import torch
 
-    from attune.loss import CausalLMLoss
+    from attune.train.loss import CausalLMLoss
 
-    rows = data.local_rows(records, path, None, max_seq_len, packing=False)
+    rows = local_rows(records, "sft", path, None, max_seq_len, packing=False)
     loss = CausalLMLoss(model)
     total, tokens = 0.0, 0
     with torch.no_grad():

@@ -12,9 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from attune.config import StrictConfig, apply_override, attune_home, read_mapping, validate
+from attune.config import (StrictConfig, apply_override, attune_home, read_mapping, validate,
+                           validate_section)
+from attune.train import methods
 
 
 class ModelConfig(StrictConfig):
@@ -64,20 +66,17 @@ class DataConfig(StrictConfig):
 
 
 class MethodConfig(StrictConfig):
+    """Full or LoRA, and the training method (`objective`); the method's own fields (DPO's
+    `beta`, ...) sit beside `objective` and are validated against the method's `Options`."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     type: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA (peft).")
-    objective: Literal["sft", "dpo"] = Field(
-        "sft", description="sft: next-token loss on the answers; dpo: Direct Preference "
-        "Optimization on preference pairs (data.format: preference), against the base model as "
-        "reference (under LoRA, the same weights with the adapters off).")
-    beta: float = Field(0.1, gt=0, description="DPO's beta: how far the model may move from the "
-                        "reference (smaller: further).")
-    preference_loss: Literal["sigmoid", "ipo"] = Field(
-        "sigmoid", description="DPO's sigmoid loss, or IPO's squared loss on length-normalised "
-        "log-ratios.")
-    sft_weight: float = Field(
-        0.0, ge=0, description="DPO: weight of the chosen answers' mean token loss added to the "
-        "preference loss (RPO); keeps the chosen answers likely where pure DPO only pushes the "
-        "rejected ones down. 0: pure DPO.")
+    objective: str = Field(
+        "sft", description="The training method: 'sft' (next-token loss on the answers), 'dpo' "
+        "(Direct Preference Optimization on preference pairs, data.format: preference, against "
+        "the base model as reference; under LoRA the same weights with the adapters off), or one "
+        "registered in attune.train.methods (docs/training.md).")
     rank: int = Field(16, ge=1, description="LoRA rank r.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
@@ -86,14 +85,44 @@ class MethodConfig(StrictConfig):
                                  "gate_proj", "up_proj", "down_proj"],
         min_length=1, description="Module names that get LoRA adapters.",
     )
+    _options: StrictConfig | None = PrivateAttr(None)
+
+    @classmethod
+    def extra_fields(cls) -> dict:
+        """The registered methods' own fields: keys an override may set under `method.`."""
+        return methods.option_fields()
 
     @field_validator("type", mode="before")
     @classmethod
     def _dpo_is_an_objective(cls, value):
-        if value == "dpo":
-            raise ValueError("'dpo' is an objective, not a type: set method.objective: dpo, "
-                             "with method.type full or lora")
+        if value in methods.names():
+            raise ValueError(f"'{value}' is an objective, not a type: set method.objective: "
+                             f"{value}, with method.type full or lora")
         return value
+
+    @field_validator("objective")
+    @classmethod
+    def _a_known_method(cls, value):
+        methods.get(value)  # names the known ones
+        return value
+
+    @model_validator(mode="after")
+    def _method_options(self) -> "MethodConfig":
+        method = methods.get(self.objective)
+        given = dict(self.__pydantic_extra__ or {})
+        for key in given:
+            if key not in method.Options.model_fields and methods.owners(key):
+                raise ValueError(f"method.{key}: a field of method.objective "
+                                 f"{' / '.join(methods.owners(key))}, not of {self.objective}")
+        self._options = validate_section(method.Options, given, "method")
+        # the defaults written out too, so a dump (tracking's parameters) shows every value
+        self.__pydantic_extra__ = self._options.model_dump()
+        return self
+
+    @property
+    def options(self):
+        """The method's own fields, validated (e.g. `recipe.method.options.beta` for DPO)."""
+        return self._options
 
 
 class OptimConfig(StrictConfig):
@@ -215,10 +244,12 @@ class Recipe(StrictConfig):
         if self.model.dtype in ("bfloat16", "float16") and self.scaling.gpus_per_worker == 0:
             raise ValueError(f"model.dtype: {self.model.dtype} training on CPU is not supported; "
                              "use 'auto' or 'float32'")
-        if (self.method.objective == "dpo") != (self.data.format == "preference"):
-            raise ValueError("method.objective: dpo trains on data.format: preference, and "
-                             "preference data needs method.objective: dpo "
-                             f"(got {self.method.objective} on {self.data.format})")
+        method = methods.get(self.method.objective)
+        if self.data.format not in method.formats:
+            takers = [m for m in methods.names() if self.data.format in methods.get(m).formats]
+            raise ValueError(f"data.format: method.objective {method.name} trains on "
+                             f"{' or '.join(method.formats)}, not {self.data.format} (which "
+                             f"{' or '.join(takers) or 'no method'} trains on)")
         if self.memory.mixed_precision and self.model.dtype in ("bfloat16", "float16"):
             raise ValueError("memory.mixed_precision keeps fp32 master weights: model.dtype must "
                              f"be auto or float32, not {self.model.dtype}")

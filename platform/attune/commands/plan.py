@@ -20,7 +20,7 @@ def run(args) -> int:
     import json
     from dataclasses import asdict
 
-    from attune.memory_plan import format_plan, plan_recipe
+    from attune.train.memory_plan import format_plan, plan_recipe
     from attune.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)

@@ -12,7 +12,7 @@ def run(args) -> int:
     from attune.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # fails before any cluster work
-    from attune.trainer import fine_tune
+    from attune.train.trainer import fine_tune
 
     print(f"[attune] registry entry: {fine_tune(recipe)}", flush=True)
     return 0

@@ -21,12 +21,12 @@ from attune.config import ConfigError, StrictConfig, apply_override, read_mappin
 from attune.recipe import Recipe, load_recipe
 from attune.tune.space import Dimension, check_dimension, parse_dimension, set_path
 
-# What attune.loop.train_loop reports at every eval step (mfu only on known GPUs).
+# What attune.train.loop.train_loop reports at every eval step (mfu only on known GPUs).
 REPORTED_METRICS = ("eval_loss", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")
 
 
 # What a Population Based Training perturbation may change in a running trial: values the loop
-# reads from the recipe when it resumes (attune.loop), not ones baked into the model or the data.
+# reads from the recipe when it resumes (attune.train.loop), not ones baked into the model or the data.
 PERTURBABLE = ("optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.max_grad_norm")
 
 

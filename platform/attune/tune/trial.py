@@ -21,9 +21,9 @@ import uuid
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from attune.checkpoints import HISTORY_FILE
-from attune.trainer import make_trainer
-from attune.prepare import prepare_data
+from attune.train.checkpoints import HISTORY_FILE
+from attune.train.trainer import make_trainer
+from attune.train.datasets import prepare_data
 from attune.tune.config import trial_recipe
 from attune.tune.results import CHECKPOINT_PATH
 
@@ -60,7 +60,7 @@ def run_trial_in_stretches(config: dict, *, recipe_raw: dict, prepared,
 
 
 def _step_of(checkpoint: ray.tune.Checkpoint | None) -> int:
-    """The step a checkpoint of attune.loop was taken at (its history's last entry)."""
+    """The step a checkpoint of attune.train.loop was taken at (its history's last entry)."""
     if checkpoint is None:
         return 0
     with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{HISTORY_FILE}") as f:

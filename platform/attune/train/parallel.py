@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 
-from attune.loss import hf_model
+from attune.train.loss import hf_model
 
 
 def is_distributed() -> bool:

@@ -2,15 +2,15 @@
 
     result = train_loop(recipe, base_path, Loop(train_batches=..., eval_batches=...))
 
-Ray Train calls it in every worker (attune.trainer wires it up); a benchmark or a debugger calls
+Ray Train calls it in every worker (attune.train.trainer wires it up); a benchmark or a debugger calls
 it directly in one process. What it needs from outside comes in through `Loop`: the batches, a
-`report` hook for metrics and checkpoints, and the checkpoint to resume from.
+`report` hook for metrics and checkpoints, and the checkpoint to resume from. What it minimises
+comes from the recipe's method (attune.train.methods); the model from attune.train.model.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import sys
 import time
@@ -19,20 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
-from transformers.utils import is_flash_attn_2_available
+from transformers import get_scheduler
 
-from attune import checkpoints, parallel
-from attune.checkpoints import MODEL_DIR
-from attune.loss import CausalLMLoss, hf_model
-from attune.objectives import objective_for
-from attune.modeling import load_model, training_dtype
 from attune.recipe import Recipe
-
-# Dense bf16 peak FLOP/s, for MFU; devices not listed report no MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
+from attune.train import checkpoints, methods, parallel
+from attune.train.checkpoints import MODEL_DIR
+from attune.train.faults import maybe_inject_fault
+from attune.train.methods import FROZEN_COPY
+from attune.train.model import placed_model
+from attune.train.throughput import flops_per_token, peak_flops
 
 
 @dataclass
@@ -48,80 +43,17 @@ class Loop:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
-def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token loss over labelled tokens, and how many there were."""
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                 labels=batch["labels"])
-
-
-def build_model(recipe: Recipe, base_path: str, device: torch.device, on_meta: bool = False,
-                frozen: bool = False) -> CausalLMLoss:
-    """The base model (with fresh LoRA adapters for a LoRA run) inside its loss; `on_meta`
-    builds the shapes only, for weights that rank 0 broadcasts; `frozen`, the base model only,
-    without gradients."""
-    on_gpu = device.type == "cuda"
-    dtype = torch.float32 if recipe.mixed_precision else training_dtype(recipe.model.dtype, on_gpu)
-    attn = attention_implementation(recipe.model.attn_implementation, on_gpu)
-    if on_meta:
-        with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path),
-                                                  dtype=dtype, attn_implementation=attn)
-    else:
-        lm = load_model(base_path, dtype, attn)
-    if frozen:
-        lm.requires_grad_(False)
-    elif recipe.activation_checkpointing:
-        lm.gradient_checkpointing_enable({"use_reentrant": False})
-    if recipe.method.type == "lora" and not frozen:
-        m = recipe.method
-        lm = get_peft_model(lm, LoraConfig(
-            r=m.rank, lora_alpha=m.alpha, lora_dropout=m.dropout,
-            target_modules=m.target_modules, task_type="CAUSAL_LM"))
-    # Under FSDP its MixedPrecisionPolicy casts; elsewhere autocast does.
-    autocast = (torch.bfloat16 if recipe.mixed_precision
-                and not parallel.shards(recipe.scaling.strategy) else None)
-    return CausalLMLoss(lm, recipe.memory.loss_chunk_tokens, autocast)
-
-
-def attention_implementation(setting: str, on_gpu: bool) -> str:
-    """'auto': flash_attention_2 on GPU where flash-attn is installed (packed rows then attend
-    through variable-length kernels, from the positions' restarts), else SDPA with a mask."""
-    if setting != "auto":
-        return setting
-    return "flash_attention_2" if on_gpu and is_flash_attn_2_available() else "sdpa"
-
-
-def _placed_model(recipe: Recipe, base_path: str, device: torch.device, frozen: bool = False):
-    """The model built, compiled, sharded or replicated, with its weights on every rank.
-    `frozen`: DPO's reference for full fine-tuning (no adapters, no gradients)."""
-    # Rank 0 reads the weights; the other ranks build on meta and get them by broadcast.
-    from_rank0 = recipe.memory.load_on_rank0 and parallel.world_size() > 1
-    model = build_model(recipe, base_path, device, on_meta=from_rank0 and parallel.rank() != 0,
-                        frozen=frozen)
-    full_state = model.state_dict() if from_rank0 and parallel.rank() == 0 else None
-    if recipe.model.compile:
-        # Block by block, the way FSDP2 and activation checkpointing take them; their hooks and
-        # the loss's data-dependent chunks stay outside the compiled graphs.
-        for block in parallel.decoder_blocks(model):
-            block.forward = torch.compile(block.forward)
-    model = parallel.wrap(model, recipe.scaling.strategy, device, frozen=frozen,
-                          mixed_precision=recipe.mixed_precision,
-                          cpu_offload=recipe.memory.cpu_offload)
-    if from_rank0 and (frozen or parallel.shards(recipe.scaling.strategy)):
-        parallel.broadcast_from_rank0(model, full_state)  # DDP's constructor did it otherwise
-    return model
-
-
 def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
     """Run the recipe's optimisation; returns the final metrics (on every rank)."""
     torch.manual_seed(recipe.optim.seed)
     o, device = recipe.optim, loop.device
     max_steps = o.max_steps or math.ceil(o.epochs * loop.steps_per_epoch)
-    model = _placed_model(recipe, base_path, device)
-    flops_per_token = _flops_per_token(parallel.unwrap(model), recipe.data.max_seq_len)
-    reference = (_placed_model(recipe, base_path, device, frozen=True)
-                 if recipe.method.objective == "dpo" and recipe.method.type == "full" else None)
-    objective = objective_for(recipe, model, reference)
+    method = methods.get(recipe.method.objective)
+    model = placed_model(recipe, base_path, device)
+    flops = flops_per_token(parallel.unwrap(model), recipe.data.max_seq_len)
+    reference = (placed_model(recipe, base_path, device, frozen=True)
+                 if method.reference(recipe) == FROZEN_COPY else None)
+    objective = method.objective(recipe, model, reference)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay,
                                   fused=device.type == "cuda" and not recipe.memory.cpu_offload)
@@ -138,7 +70,7 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
         _log(f"resumed from step {step} ({loop.resume_from})")
 
     batches = _endless(loop.train_batches, start_epoch=step // (loop.steps_per_epoch or max_steps))
-    peak = _peak_flops(device)
+    peak = peak_flops(device)
     window_tokens, window_start, metrics = 0.0, time.perf_counter(), {}
     end = min(max_steps, loop.stop_at or max_steps)
     if step >= end and history:
@@ -180,12 +112,12 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
             elapsed = time.perf_counter() - window_start
             metrics["tokens_per_s"] = tokens_total / elapsed
             if peak:
-                metrics["mfu"] = metrics["tokens_per_s"] / parallel.world_size() * flops_per_token / peak
+                metrics["mfu"] = metrics["tokens_per_s"] / parallel.world_size() * flops / peak
         if at_eval and loop.eval_batches is not None:
             metrics["eval_loss"] = evaluate(objective, model, loop.eval_batches(), device)
         if "tokens_per_s" in metrics:
             _log(_progress_line(metrics, max_steps))
-        _maybe_inject_fault(step)
+        maybe_inject_fault(step)
         if at_eval or at_checkpoint:
             history.append(metrics)
             checkpoint = (_save_checkpoint(model, optimizer, scheduler, step, history, loop,
@@ -195,22 +127,6 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
         if "tokens_per_s" in metrics:  # the next window times training steps only, not eval or saving
             window_tokens, window_start = 0.0, time.perf_counter()
     return metrics
-
-
-def measured_peak_bytes(recipe: Recipe, base_path: str, batch: dict) -> int:
-    """Peak of the bytes torch's CPU allocator holds over one training step on `batch` (building
-    the model and optimizer counts too), from the profiler's allocation events in time order:
-    what the memory plan is compared with on CPU."""
-    from torch.profiler import ProfilerActivity, profile  # measuring only, not training
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_loop(recipe, base_path, Loop(train_batches=lambda epoch: [batch], steps_per_epoch=1,
-                                           checkpoint_root=None))
-    held = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        held += event.self_cpu_memory_usage
-        peak = max(peak, held)
-    return peak
 
 
 def _apply_recipe_hyperparameters(optimizer, scheduler, o) -> None:
@@ -274,23 +190,6 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _flops_per_token(model, seq_len: int) -> float:
-    # Forward 2N, backward 2N through the activations and 2N' for the weight gradients (N' the
-    # trainable parameters: all of them, or a LoRA run's adapters), plus attention scores:
-    # 12 * layers * hidden * seq. Recomputation under activation checkpointing is not counted.
-    config = hf_model(model).config
-    n = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return 4 * n + 2 * trainable + 12 * config.num_hidden_layers * config.hidden_size * seq_len
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
-
-
 def _progress_line(m: dict, max_steps: int) -> str:
     parts = [f"step {m['step']}/{max_steps}", f"loss {m['loss']:.4f}"]
     if "eval_loss" in m:
@@ -310,11 +209,3 @@ def _log(line: str) -> None:
         sys.stdout.flush()
 
 
-def _maybe_inject_fault(step: int) -> None:
-    """Fault injection for recovery tests: ATTUNE_FAULT_AT_STEP=N kills the last rank at step N,
-    once (ATTUNE_FAULT_MARKER names a file that records that it happened)."""
-    at, marker = os.environ.get("ATTUNE_FAULT_AT_STEP"), os.environ.get("ATTUNE_FAULT_MARKER")
-    if at and marker and step == int(at) and parallel.rank() == parallel.world_size() - 1:
-        if not os.path.exists(marker):
-            Path(marker).write_text(f"failed at step {step}\n")
-            os._exit(1)

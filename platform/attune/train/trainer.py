@@ -3,7 +3,7 @@
     entry = fine_tune(load_recipe("recipes/tiny-full.yaml"))
 
 Everything Ray-specific about training lives here, its lines marked `# [n]`; the loop itself is
-`attune.loop` (plain PyTorch). Recovery: a lost worker restarts the whole group from the latest
+`attune.train.loop` (plain PyTorch). Recovery: a lost worker restarts the whole group from the latest
 reported checkpoint (`FailureConfig`), and a run started again with the same name and storage
 resumes from it.
 """
@@ -25,14 +25,15 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from attune import data, modeling, registry
+from attune import modeling, registry
+from attune.train import datasets
 from attune.capacity import check_fits, device_memory, working_nodes
 from attune.cluster import ensure_ray
 from attune.config import ConfigError
-from attune.checkpoints import HISTORY_FILE, MODEL_DIR
-from attune.loop import Loop, train_loop
-from attune.preflight import check_memory, check_recipe
-from attune.prepare import PreparedData, prepare_data
+from attune.train.checkpoints import HISTORY_FILE, MODEL_DIR
+from attune.train.loop import Loop, train_loop
+from attune.train.preflight import check_memory, check_recipe
+from attune.train.datasets import PreparedData, prepare_data
 from attune.recipe import Recipe
 from attune.store import say_if_maybe_node_local
 from attune.tracking import train_run
@@ -72,7 +73,7 @@ def _train_worker(config: dict) -> None:
 
     def train_batches(epoch: int):
         if cache:  # a small shard, kept from its first pass: reshuffled in memory
-            return data.batches(cache, micro, seed=recipe.optim.seed + epoch)
+            return datasets.batches(cache, micro, seed=recipe.optim.seed + epoch)
         # reshuffled every epoch
         batches = train_shard.iter_batches(batch_size=micro, batch_format="numpy",
                                            local_shuffle_buffer_size=4 * micro,
@@ -145,7 +146,7 @@ def make_trainer(recipe: Recipe, prepared: PreparedData, *,
                                           < SHARD_CACHE_BYTES,
                            # Likewise the eval rows, read again at every evaluation otherwise.
                            "cache_eval": _rows_bytes(recipe, prepared.eval_rows) < SHARD_CACHE_BYTES,
-                           # fault injection (attune.loop) reaches workers of a running cluster
+                           # fault injection (attune.train.loop) reaches workers of a running cluster
                            "env": {k: v for k, v in os.environ.items() if k.startswith("ATTUNE_FAULT_")},
                            "start_from": start_from, "stop_at": stop_at},
         # [6] how many workers, each with what

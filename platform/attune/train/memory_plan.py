@@ -15,8 +15,12 @@ else 1; p = bytes of the stored dtype, c = of the compute dtype; T = micro_batch
                  checkpointed: T·L·c·h kept + one layer's T·A recomputed; + mask, final norm
   logits         T·V·(c + 8) (the logits, fp32 log-probs, their gradient); chunked: K·V·(c + 12)
                  + the labelled hidden states T·h·c
+  the method's   its own terms (attune.train.methods): DPO's frozen reference copy, N·p/S under
+                 full fine-tuning; T counts each example's sequences (DPO: chosen and rejected)
 peak = parameters + optimizer + buckets + gathered + max(gradients, activations + logits): the
-backward pass frees activations as gradients appear. docs/memory.md derives each term;
+backward pass frees activations as gradients appear; checkpointed, the logits' backward is done
+before the first layer is recomputed, so that layer's T·A and the logits count once, the larger.
+docs/memory.md derives each term;
 `memory.cpu_offload` moves parameters, gradients and optimizer states to the host.
 """
 
@@ -30,6 +34,7 @@ from transformers import AutoModelForCausalLM
 from attune import modeling
 from attune.config import apply_override, validate
 from attune.recipe import Recipe
+from attune.train import methods
 
 GiB = 2**30
 # What a GPU holds beyond tensors (CUDA context, NCCL buffers, the caching allocator's slack).
@@ -61,6 +66,14 @@ class Shape:
         return recipe.method.rank * sum(self.linear_io.get(t, 0) for t in recipe.method.target_modules)
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """Bytes per value as stored and as computed in, and how many ways the state is sharded."""
+    stored: int
+    compute: int
+    shards: int
+
+
 @dataclass
 class Plan:
     terms: dict[str, int]  # name -> bytes on each worker's device
@@ -69,6 +82,7 @@ class Plan:
     device_source: str  # where the device memory came from
     serving: dict[str, int]  # bf16 weights and KV cache figures, for `attune serve`
     shape: Shape
+    recomputed_layer: int = 0  # checkpointed: the layer recomputed inside `activations`
     notes: list[str] = field(default_factory=list)
     # changes that fit: (overrides, device bytes, host bytes)
     suggestions: list[tuple[list[str], int, int]] = field(default_factory=list)
@@ -78,7 +92,8 @@ class Plan:
         """The peak: gradients grow in the backward pass as the activations and logits are
         freed, so it counts the larger of the two, plus everything else."""
         t = self.terms
-        overlapping = max(t.get("gradients", 0), t["activations"] + t["logits"])
+        forward = t["activations"] + t["logits"] - min(self.recomputed_layer, t["logits"])
+        overlapping = max(t.get("gradients", 0), forward)
         return sum(v for k, v in t.items() if k not in _OVERLAPPING) + overlapping
 
     @property
@@ -138,6 +153,8 @@ def plan(shape: Shape, recipe: Recipe, device_memory_gib: float | None = None,
         terms["gathered units"] = shape.params * compute
     terms["activations"] = activation_bytes(shape, recipe, compute)
     terms["logits"] = logit_bytes(shape, recipe, compute)
+    terms.update(methods.get(recipe.method.objective).memory_terms(
+        shape, recipe, Sizes(stored, compute, shards)))
     total_tokens = recipe.data.max_seq_len
     kv_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2
     serving = {"weights (bf16)": shape.params * 2,
@@ -152,32 +169,53 @@ def plan(shape: Shape, recipe: Recipe, device_memory_gib: float | None = None,
         notes.append("device memory unknown, not checked: " + (
             "set scaling.device_memory_gib=<GiB> (`attune train` asks the cluster)"
             if device_source == "scaling.device_memory_gib" else device_source))
-    return Plan(terms, host, usable, device_source, serving, shape, notes)
+    recomputed = recomputed_layer_bytes(shape, recipe, compute) if recipe.activation_checkpointing else 0
+    return Plan(terms, host, usable, device_source, serving, shape, recomputed, notes)
+
+
+def rows_per_micro_batch(recipe: Recipe) -> int:
+    """Sequences one micro-batch puts through the model (a DPO pair is two)."""
+    return recipe.optim.micro_batch_size * methods.get(recipe.method.objective).sequences_per_example
+
+
+def packed_mask(recipe: Recipe) -> bool:
+    """Whether rows hold several examples that SDPA keeps apart with a block mask."""
+    return (recipe.data.packing and methods.get(recipe.method.objective).packs
+            and recipe.model.attn_implementation != "flash_attention_2")
+
+
+def layer_bytes_per_token(shape: Shape, recipe: Recipe, c: int) -> int:
+    """What one decoder layer keeps for the backward, per token (A in the docstring)."""
+    h, i, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim
+    # SDPA with the packed rows' mask repeats k and v to every query head (transformers'
+    # repeat_kv); flash-attention takes the kv heads as they are.
+    kv = q if packed_mask(recipe) else shape.kv_heads * shape.head_dim
+    norm = 4 * h + 2 * c * h  # RMSNorm: its fp32 input, the normalised and the scaled output
+    return 2 * norm + c * (2 * q + 2 * kv + 4 * i) + 4 * shape.heads
+
+
+def recomputed_layer_bytes(shape: Shape, recipe: Recipe, c: int) -> int:
+    return rows_per_micro_batch(recipe) * recipe.data.max_seq_len * layer_bytes_per_token(shape, recipe, c)
 
 
 def activation_bytes(shape: Shape, recipe: Recipe, c: int) -> int:
     """What the forward pass keeps for the backward, per micro-batch (docs/memory.md)."""
-    h, i, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim
-    tokens = recipe.optim.micro_batch_size * recipe.data.max_seq_len
-    # SDPA with the packed rows' mask repeats k and v to every query head (transformers'
-    # repeat_kv); flash-attention takes the kv heads as they are.
-    kv = shape.kv_heads * shape.head_dim
-    if recipe.data.packing and recipe.model.attn_implementation != "flash_attention_2":
-        kv = q
-    norm = 4 * h + 2 * c * h  # RMSNorm: its fp32 input, the normalised and the scaled output
-    per_layer = 2 * norm + c * (2 * q + 2 * kv + 4 * i) + 4 * shape.heads
+    h = shape.hidden
+    tokens = rows_per_micro_batch(recipe) * recipe.data.max_seq_len
+    per_layer = layer_bytes_per_token(shape, recipe, c)
+    norm = 4 * h + 2 * c * h  # the final norm
     if recipe.activation_checkpointing:
         layers = tokens * (shape.layers * c * h + per_layer)
     else:
         layers = tokens * shape.layers * per_layer
     mask = 0
-    if recipe.data.packing and recipe.model.attn_implementation != "flash_attention_2":
-        mask = recipe.optim.micro_batch_size * recipe.data.max_seq_len ** 2 * c
+    if packed_mask(recipe):
+        mask = rows_per_micro_batch(recipe) * recipe.data.max_seq_len ** 2 * c
     return layers + tokens * norm + mask
 
 
 def logit_bytes(shape: Shape, recipe: Recipe, c: int) -> int:
-    tokens = recipe.optim.micro_batch_size * recipe.data.max_seq_len
+    tokens = rows_per_micro_batch(recipe) * recipe.data.max_seq_len
     chunk = recipe.memory.loss_chunk_tokens
     if chunk is None:
         return tokens * shape.vocab * (c + 8)

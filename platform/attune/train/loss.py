@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
+from attune.train.tokenizing import IGNORE
 
 
 class CausalLMLoss(torch.nn.Module):

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attune import data, memory_plan, modeling
+from attune import modeling
+from attune.train import memory_plan
+from attune.train.records import Record, read_records, split_eval
+from attune.train.tokenizing import tokenize
 from attune.config import ConfigError
 from attune.recipe import Recipe
 
@@ -18,8 +21,8 @@ from attune.recipe import Recipe
 @dataclass
 class CheckedRecipe:
     base_path: str  # the base model's directory (or hub id)
-    train_records: list[data.Record]
-    eval_records: list[data.Record]
+    train_records: list[Record]
+    eval_records: list[Record]
 
 
 def check_recipe(recipe: Recipe) -> CheckedRecipe:
@@ -30,11 +33,11 @@ def check_recipe(recipe: Recipe) -> CheckedRecipe:
     if recipe.scaling.device_memory_gib is not None:
         check_memory(recipe, recipe.scaling.device_memory_gib, "scaling.device_memory_gib")
     d = recipe.data
-    records = data.read_records(d.train_files, d.format)
+    records = read_records(d.train_files, d.format)
     if d.eval_files:
-        train_records, eval_records = records, data.read_records(d.eval_files, d.format)
+        train_records, eval_records = records, read_records(d.eval_files, d.format)
     else:
-        train_records, eval_records = data.split_eval(records, d.eval_fraction, recipe.optim.seed)
+        train_records, eval_records = split_eval(records, d.eval_fraction, recipe.optim.seed)
     _check_template(recipe, base_path, train_records[0])
     return CheckedRecipe(base_path, train_records, eval_records)
 
@@ -63,11 +66,11 @@ def _check_lora_targets(targets: list[str], modules: set[str]) -> None:
                           f"(its projections: {', '.join(linear) or 'none'})")
 
 
-def _check_template(recipe: Recipe, base_path: str, record: data.Record) -> None:
+def _check_template(recipe: Recipe, base_path: str, record: Record) -> None:
     try:
         # loading renders the template too (to find its end of turn)
         tokenizer = modeling.load_tokenizer(base_path, recipe.data.chat_template)
-        data.tokenize(record, tokenizer, recipe.data.max_seq_len)
+        tokenize(record, tokenizer, recipe.data.max_seq_len)
     except ConfigError:  # a template attune refuses says why itself
         raise
     except Exception as e:  # jinja's errors and the tokenizer's: any of them stops every worker
