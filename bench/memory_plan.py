@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from attune.train.memory_profile import measured_peak_bytes
-from attune.train.memory_plan import plan_recipe
 from attune.modeling import ensure_tiny_llama
 from attune.recipe import Recipe
+from attune.train.memory_plan import plan_recipe
+from attune.train.memory_profile import measured_peak_bytes
 
 # ~100M parameters: Llama-shaped, GQA (12 query heads, 4 kv heads), an untied 16k vocabulary.
 SHAPE_100M = dict(vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from attune.train.loop import Loop, train_loop
 from attune.recipe import Recipe
+from attune.train.loop import Loop, train_loop
 
 SHAPES = {
     # Llama-3.2-1B: tied embeddings, 128k vocabulary

@@ -25,14 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from attune import modeling# noqa: E402
-from attune.train import datasets
-from attune.train.datasets import local_rows
-from attune.train.records import read_records
-from attune.train.rows import pack
-from attune.train.tokenizing import tokenize
+from attune import modeling  # noqa: E402
 from attune.recipe import load_recipe  # noqa: E402
+from attune.train import datasets  # noqa: E402
+from attune.train.datasets import local_rows  # noqa: E402
 from attune.train.loop import Loop, train_loop  # noqa: E402
+from attune.train.records import read_records  # noqa: E402
+from attune.train.rows import pack  # noqa: E402
+from attune.train.tokenizing import tokenize  # noqa: E402
 
 THREADS = 2
 STEPS = 60

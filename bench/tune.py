@@ -61,9 +61,9 @@ def real_trial(config: dict, recipe_raw: dict, rows: list, eval_rows: list, base
 
 def tiny_recipe_and_rows() -> tuple[dict, list, list, str]:
     from attune import modeling
+    from attune.recipe import load_recipe
     from attune.train.datasets import local_rows
     from attune.train.records import read_records, split_eval
-    from attune.recipe import load_recipe
 
     recipe = load_recipe(RECIPE, [f"optim.max_steps={MAX_STEPS}", f"eval.every_steps={EVAL_EVERY}",
                                   f"checkpoint.every_steps={MAX_STEPS}"])

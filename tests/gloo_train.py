@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from attune.train.datasets import local_rows
-from attune.train.records import read_records
-from attune.train.loop import Loop, train_loop
 from attune.recipe import load_recipe
+from attune.train.datasets import local_rows
+from attune.train.loop import Loop, train_loop
+from attune.train.records import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 4

@@ -12,9 +12,9 @@ import shutil
 import pytest
 
 from attune import chat_templates, modeling, registry
-from attune.train.tokenizing import IGNORE, tokenize_chat
 from attune.config import ConfigError
 from attune.tiny_models import TINY_MODELS
+from attune.train.tokenizing import IGNORE, tokenize_chat
 
 CHAT = [{"role": "system", "content": "Answer in one word."},
         {"role": "user", "content": "What is 3 * 4?"},

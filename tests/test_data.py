@@ -10,12 +10,12 @@ import torch
 
 from attune import corpus
 from attune.train.datasets import Tokenize, as_items
+from attune.train.loss import CausalLMLoss
 from attune.train.methods.dpo import tokenize_pair
+from attune.train.methods.sft import NextTokenLoss
 from attune.train.records import DataError, read_records, split_eval
 from attune.train.rows import pack, pad
 from attune.train.tokenizing import IGNORE, tokenize
-from attune.train.loss import CausalLMLoss
-from attune.train.methods.sft import NextTokenLoss
 
 
 @pytest.fixture(scope="module")

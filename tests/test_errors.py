@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from attune.train import trainer
 from attune.cli import main
 from attune.config import ConfigError
 from attune.recipe import load_recipe
+from attune.train import trainer
 
 
 @pytest.fixture

@@ -18,12 +18,12 @@ from openai import OpenAI
 from ray import serve
 
 from attune import chat_templates
-from attune.train.tokenizing import IGNORE, tokenize_chat
 from attune.answers import greedy_answers, load_for_generation, qa_pairs
 from attune.modeling import load_tokenizer
 from attune.recipe import load_recipe
 from attune.serve import ServeConfig
 from attune.serve.local import run
+from attune.train.tokenizing import IGNORE, tokenize_chat
 from attune.train.trainer import fine_tune
 from conftest import API_KEY, REPO
 

@@ -9,11 +9,11 @@ import json
 
 import pytest
 
-from attune.train.records import read_records
 from attune.cli import main
 from attune.config import ConfigError
 from attune.feedback import Feedback, FeedbackStore, export
 from attune.feedback.export import THUMBS_DOWN_ONLY, THUMBS_UP_ONLY, utc_text
+from attune.train.records import read_records
 from attune.ui.chat import GenerationSettings, Turn
 from attune.ui.feedback import answered_turn, correct, rate
 

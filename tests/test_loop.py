@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from attune.train.datasets import batches, local_rows
-from attune.train.records import read_records
 from attune.recipe import load_recipe
+from attune.train.datasets import batches, local_rows
 from attune.train.loop import Loop, train_loop
+from attune.train.records import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 # A constant lr, so the lr a step reports is the recipe's own; a report at every step.

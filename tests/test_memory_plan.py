@@ -17,12 +17,12 @@ import pytest
 from transformers import LlamaConfig
 
 from attune import capacity
-from attune.train import preflight, trainer
 from attune.cli import main
 from attune.config import ConfigError
-from attune.train.memory_plan import GiB, model_shape, plan, plan_recipe, with_overrides
 from attune.modeling import model_config
 from attune.recipe import Recipe, load_recipe
+from attune.train import preflight, trainer
+from attune.train.memory_plan import GiB, model_shape, plan, plan_recipe, with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from attune.train.memory_profile import measured_peak_bytes
 from attune.recipe import Recipe
 from attune.tiny_models import ensure_tiny
+from attune.train.memory_profile import measured_peak_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from attune.config import ConfigError, StrictConfig
+from attune.modeling import model_config
 from attune.recipe import load_recipe
 from attune.train import methods
 from attune.train.datasets import batches, local_rows
@@ -27,7 +28,6 @@ from attune.train.methods.sft import SFT
 from attune.train.parallel import unwrap
 from attune.train.records import read_records
 from attune.train.tokenizing import IGNORE
-from attune.modeling import model_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 
-from attune.train.datasets import local_rows
-from attune.train.records import files_hash, read_records
 from attune.config import ConfigError
 from attune.harness import check_endpoint, harness_scores
 from attune.registry import read_manifest, update_manifest
 from attune.store import filesystem
 from attune.tracking import log_scores
+from attune.train.datasets import local_rows
+from attune.train.records import files_hash, read_records
 
 COMPARISONS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt,
                "==": operator.eq}

@@ -20,8 +20,8 @@ def run(args) -> int:
     import json
     from dataclasses import asdict
 
-    from attune.train.memory_plan import format_plan, plan_recipe
     from attune.recipe import load_recipe
+    from attune.train.memory_plan import format_plan, plan_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     plan = plan_recipe(recipe)

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attune import modeling
+from attune.config import ConfigError
+from attune.recipe import Recipe
 from attune.train import memory_plan
 from attune.train.records import Record, read_records, split_eval
 from attune.train.tokenizing import tokenize
-from attune.config import ConfigError
-from attune.recipe import Recipe
 
 
 @dataclass

@@ -26,17 +26,17 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from attune import modeling, registry
-from attune.train import datasets
 from attune.capacity import check_fits, device_memory, working_nodes
 from attune.cluster import ensure_ray
 from attune.config import ConfigError
-from attune.train.checkpoints import HISTORY_FILE, MODEL_DIR
-from attune.train.loop import Loop, train_loop
-from attune.train.preflight import check_memory, check_recipe
-from attune.train.datasets import PreparedData, prepare_data
 from attune.recipe import Recipe
 from attune.store import say_if_maybe_node_local
 from attune.tracking import train_run
+from attune.train import datasets
+from attune.train.checkpoints import HISTORY_FILE, MODEL_DIR
+from attune.train.datasets import PreparedData, prepare_data
+from attune.train.loop import Loop, train_loop
+from attune.train.preflight import check_memory, check_recipe
 
 
 def steps_per_epoch(recipe: Recipe, rows: int) -> int:

@@ -40,11 +40,11 @@ from ray.util.placement_group import PlacementGroup
 from attune.capacity import working_nodes
 from attune.cluster import ensure_ray
 from attune.config import ConfigError
-from attune.train.preflight import check_recipe
-from attune.train.datasets import prepare_data
 from attune.recipe import Recipe
 from attune.store import say_if_maybe_node_local
 from attune.tracking import link_entry, reference, tracking_uri
+from attune.train.datasets import prepare_data
+from attune.train.preflight import check_recipe
 from attune.train.trainer import check_workers_fit, storage_uri, write_result
 from attune.tune.config import SearchConfig, pbt_interval, trial_recipe
 from attune.tune.results import TrialRow, best_row, format_table, trial_rows, write_results

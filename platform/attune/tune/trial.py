@@ -22,8 +22,8 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from attune.train.checkpoints import HISTORY_FILE
-from attune.train.trainer import make_trainer
 from attune.train.datasets import prepare_data
+from attune.train.trainer import make_trainer
 from attune.tune.config import trial_recipe
 from attune.tune.results import CHECKPOINT_PATH
 
