@@ -16,18 +16,12 @@ from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 
 from attune.config import validate
-from attune.serve.auth import ApiKeyMiddleware
+from attune.serve.auth import api_key_options
 from attune.serve.config import ServeConfig
 from attune.serve.direct import direct_app
-from attune.serve.ingress import (
-    Ingress,
-    RetryAfterMiddleware,
-    add_openai_error_handler,
-    use_plain_asgi_errors,
-)
+from attune.serve.ingress import Ingress, add_checks, add_openai_error_handler, use_plain_asgi_errors
 from attune.serve.llm_config import (REPLICA_ENV, SCORES, adapters_path, entry_scores, llm_configs,
                                      logging_config)
-from attune.serve.request_body import BodyCheckMiddleware
 from attune.serve.server import LLMServer
 
 
@@ -50,10 +44,7 @@ def openai_app(configs: list[LLMConfig], config: ServeConfig) -> Application:
     scores = entry_scores(config)
     app = init()
     use_plain_asgi_errors(app)
-    app.add_middleware(BodyCheckMiddleware)  # each added middleware wraps those added before
-    app.add_middleware(ApiKeyMiddleware, env_var=config.api_keys_env,
-                       key_file=config.api_keys_file, required=config.auth == "api_key")
-    app.add_middleware(RetryAfterMiddleware)
+    add_checks(app, api_key_options(config))
     add_openai_error_handler(app)
     ingress = make_fastapi_ingress(Ingress, app=app)
     options = Ingress.get_deployment_options(configs)

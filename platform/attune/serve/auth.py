@@ -18,6 +18,7 @@ import ray
 from ray.serve.context import _get_global_client
 
 from attune.addresses import is_loopback
+from attune.serve.config import ServeConfig
 
 # Health and readiness stay open: Serve's own routes, and vLLM's when it is the ingress.
 OPEN_PATHS = {"/-/healthz", "/-/routes", "/health", "/ping"}
@@ -60,6 +61,12 @@ def openai_error(status: int, message: str, type_: str, code: str | int | None =
                  param: str | None = None) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "param": param,
                                  "code": code}}).encode()
+
+
+def api_key_options(config: ServeConfig) -> dict:
+    """ApiKeyMiddleware's options, as a serving config sets them."""
+    return {"env_var": config.api_keys_env, "key_file": config.api_keys_file,
+            "required": config.auth == "api_key"}
 
 
 class ApiKeyMiddleware:

@@ -32,7 +32,8 @@ from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from attune.serve.adapters import adapter_metadata, adapter_names, is_directory
-from attune.serve.auth import openai_error
+from attune.serve.auth import ApiKeyMiddleware, openai_error
+from attune.serve.request_body import BodyCheckMiddleware
 
 # The name of the BaseHTTPMiddleware dispatch Ray LLM's ingress `init()` adds (Ray 2.60).
 RAY_ERRORS_DISPATCH = "_handle_application_exceptions"
@@ -110,6 +111,16 @@ async def _drain(stream: AsyncIterator) -> None:
 def _error_body(status: int, message: str) -> bytes:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return openai_error(status, message, kind, code=status)
+
+
+def add_checks(app: FastAPI, api_keys: dict) -> None:
+    """attune's middleware in front of an OpenAI app, Ray's ingress's or (direct streaming)
+    vLLM's: the API key (ApiKeyMiddleware's options), then Retry-After on overload answers, then
+    the request body."""
+    app.middleware_stack = None  # vLLM's app built its stack already: Starlette builds it again
+    app.add_middleware(BodyCheckMiddleware)  # each added middleware wraps those added before
+    app.add_middleware(RetryAfterMiddleware)
+    app.add_middleware(ApiKeyMiddleware, **api_keys)
 
 
 def add_openai_error_handler(app: FastAPI) -> None:
