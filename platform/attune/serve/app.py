@@ -10,12 +10,12 @@ GPU, the servability checks, and API-key auth on Ray's own ingress app.
 from __future__ import annotations
 
 from ray import serve
-from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-from ray.llm._internal.serve.core.ingress.ingress import init, make_fastapi_ingress
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
+from ray.serve.llm.ingress import make_fastapi_ingress
 
 from attune.config import validate
+from attune.ray_internals import init, to_model_metadata
 from attune.serve.auth import api_key_options
 from attune.serve.config import ServeConfig
 from attune.serve.direct import direct_app

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import ray
-from ray.serve.context import _get_global_client
 
 from attune.addresses import is_loopback
+from attune.ray_internals import get_global_client
 from attune.serve.config import ServeConfig
 
 # Health and readiness stay open: Serve's own routes, and vLLM's when it is the ingress.
@@ -114,4 +114,4 @@ class ApiKeyMiddleware:
 
 def _serve_http_host() -> str:
     """The host Serve's HTTP proxies bind, asked of the controller (we run inside a replica)."""
-    return ray.get(_get_global_client()._controller.get_http_config.remote()).host
+    return ray.get(get_global_client()._controller.get_http_config.remote()).host

@@ -14,13 +14,12 @@ start).
 
 from __future__ import annotations
 
-from ray.llm._internal.serve.core.ingress.builder import _build_direct_streaming_llm_deployment
-from ray.serve._private import constants as serve_constants
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig
 
 from attune.cluster import HA_PROXY_ENV
+from attune.ray_internals import build_direct_streaming_llm_deployment, serve_constants
 from attune.serve.auth import api_key_options
 from attune.serve.config import ServeConfig
 from attune.serve.ingress import add_checks
@@ -38,7 +37,7 @@ def direct_app(config: ServeConfig) -> Application:
     (llm_config,) = llm_configs(config)  # the config's validation allows exactly one
     # No LLMRouter in front (Ray attaches one, which HAProxy calls per request to pick a replica
     # round robin): HAProxy balances the replicas itself, by least connections.
-    return _build_direct_streaming_llm_deployment(
+    return build_direct_streaming_llm_deployment(
         llm_config, deployment_cls=DirectLLMServer,
         override_serve_options={"request_router_config": RequestRouterConfig()},
         bind_kwargs={"auth": api_key_options(config)})
