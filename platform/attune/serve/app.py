@@ -19,9 +19,9 @@ from attune.ray_internals import init, to_model_metadata
 from attune.serve.auth import api_key_options
 from attune.serve.config import ServeConfig
 from attune.serve.direct import direct_app
+from attune.serve.entries import adapters_path
 from attune.serve.ingress import Ingress, add_checks, add_openai_error_handler, use_plain_asgi_errors
-from attune.serve.llm_config import (REPLICA_ENV, SCORES, adapters_path, entry_scores, llm_configs,
-                                     logging_config)
+from attune.serve.llm_config import REPLICA_ENV, SCORES, entry_scores, llm_configs, logging_config
 from attune.serve.server import LLMServer
 
 

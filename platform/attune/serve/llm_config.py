@@ -13,8 +13,8 @@ from ray.serve.llm import LLMConfig
 from attune import modeling
 from attune.cluster import HA_PROXY_ENV
 from attune.serve.adapters import ADAPTERS_DIR, is_directory
-from attune.serve.config import BaseModelSpec, ServeConfig
-from attune.serve.entries import check_servable, promote_adapter, read_entry
+from attune.serve.config import ServeConfig
+from attune.serve.entries import adapters_path, check_servable, promote_adapter, read_entry
 from attune.serve.node_model import ResolveModelOnNode
 from attune.serve.vllm_plugin import CPU_EXECUTOR_ENV, POLL_SLEEP_ENV
 
@@ -139,8 +139,3 @@ def _poll_sleep_us(config: ServeConfig) -> float:
     if config.engine.poll_sleep_us is not None:
         return config.engine.poll_sleep_us
     return CPU_POLL_SLEEP_US if config.accelerator == "cpu" else 0
-
-
-def adapters_path(config: ServeConfig, base: BaseModelSpec) -> str:
-    """Where a base model's adapters are in the store: Ray lists its subfolders as adapters."""
-    return f"{config.lora_store.rstrip('/')}/{base.id}"
