@@ -19,18 +19,22 @@ from attune.ray_internals import init, to_model_metadata
 from attune.serve.auth import api_key_options
 from attune.serve.config import ServeConfig
 from attune.serve.direct import direct_app
-from attune.serve.entries import adapters_path
+from attune.serve.entries import adapters_path, promote_adapters
 from attune.serve.ingress import Ingress, add_checks, add_openai_error_handler, use_plain_asgi_errors
 from attune.serve.llm_config import REPLICA_ENV, SCORES, entry_scores, llm_configs, logging_config
 from attune.serve.server import LLMServer
 
 
 def build_app(args: dict) -> Application:
-    """Ray Serve builder (`import_path: attune.serve:build_app`); `args` is a ServeConfig."""
+    """Ray Serve builder (`import_path: attune.serve:build_app`); `args` is a ServeConfig.
+
+    It runs once per deploy (`attune serve`, `serve run`, `serve deploy`'s build task). Once the
+    app is built, every entry checked, the config's LoRA entries are copied where the app loads
+    them: the one thing deploying writes (the builders below write nothing)."""
     config = args if isinstance(args, ServeConfig) else validate(ServeConfig, dict(args), "serve args")
-    if config.direct_streaming:
-        return direct_app(config)
-    return openai_app(llm_configs(config), config)
+    app = direct_app(config) if config.direct_streaming else openai_app(llm_configs(config), config)
+    promote_adapters(config)
+    return app
 
 
 def openai_app(configs: list[LLMConfig], config: ServeConfig) -> Application:

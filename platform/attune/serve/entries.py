@@ -91,6 +91,14 @@ def promote_adapter(entry: Entry, config: ServeConfig) -> str:
     return f"{base.id}:{entry.name}"
 
 
+def promote_adapters(config: ServeConfig) -> None:
+    """Copy each LoRA entry of the config into its store, where the app loads them from."""
+    for location in config.entries:
+        entry = read_entry(location)
+        if entry.is_lora:
+            promote_adapter(entry, config)
+
+
 def _list(location: str) -> list[str]:
     fs, path = filesystem(location)
     return [info.base_name for info in fs.get_file_info(pafs.FileSelector(path))]
