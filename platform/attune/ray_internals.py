@@ -9,8 +9,9 @@ console code import it too, and Ray Serve reads settings from the environment wh
 not load Serve at import holds `ray_internals` itself and reads the name when it runs.
 
 Beyond these names attune overrides or reads private members of Ray's classes, which no import
-shows: LLMServer's in attune.serve.server, OpenAiIngress's in attune.serve.ingress, the Serve
-client's `_controller` in attune.serve.auth and attune.ui.serve.
+shows: LLMServer's in attune.serve.server, OpenAiIngress's in attune.serve.ingress (and there,
+RAY_ERRORS_DISPATCH: the name of the middleware init() adds), the Serve client's `_controller`
+in attune.serve.auth and attune.ui.serve.
 """
 
 from __future__ import annotations
