@@ -22,9 +22,9 @@ from typing import Literal
 
 from pydantic import Field
 from ray import serve
-from ray.serve.context import _get_global_client
 
 from attune.config import StrictConfig
+from attune.ray_internals import get_global_client
 from attune.ui.endpoint import DEFAULT_ENDPOINT
 from attune.ui.users import page_login
 
@@ -59,7 +59,7 @@ class ChatPage:
     async def __init__(self, **args):
         self.args = ChatAppArgs(**args)
         # Who can reach the page is where Serve listens (the controller knows; we run in a replica).
-        http = await _get_global_client()._controller.get_http_config.remote()
+        http = await get_global_client()._controller.get_http_config.remote()
         self.login = page_login(self.args.auth, http.host, self.args.users_file)
 
     def __serve_build_asgi_app__(self):
