@@ -23,6 +23,8 @@ import ray
 import ray.data
 from ray.util.debug import log_once
 
+import psutil  # after ray: Ray's own copy (ray/thirdparty_files) where no other is installed
+
 from attune import console
 from attune.addresses import check_answers
 from attune.config import ConfigError
@@ -95,8 +97,6 @@ def _kill_ray_processes_started_here() -> None:
     """What a failed start left: Ray's daemons below this process, with the agents and workers
     they started (the node object that would stop them was never made). Only processes run
     from Ray's own package and theirs: a library user's other children stay."""
-    import psutil  # Ray's own copy (ray/thirdparty_files) if no other: importable once ray is
-
     ray_dir = os.path.dirname(ray.__file__)
     for process in psutil.Process().children():
         with suppress(psutil.Error):
@@ -134,8 +134,6 @@ def _kill_processes_started_here() -> None:
     """SIGKILL every process below this one: Ray's daemons and workers, vLLM's engines, Serve's
     HAProxy. Each is stopped first, until none is left to start another, since a process whose
     parent died is no longer found below this one."""
-    import psutil  # Ray's own copy (ray/thirdparty_files) if no other: importable once ray is
-
     stopped: dict[int, psutil.Process] = {}
     while found := [p for p in psutil.Process().children(recursive=True) if p.pid not in stopped]:
         for process in found:

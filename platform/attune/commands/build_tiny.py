@@ -4,6 +4,8 @@
     attune build-tiny attune:tiny-qwen2
 """
 
+from attune.config import ConfigError
+
 HELP = "build the tiny base models (tiny-llama, tiny-qwen2, tiny-llama3)"
 
 
@@ -14,7 +16,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from attune.config import ConfigError
     from attune.tiny_models import TINY_MODELS, ensure_tiny
 
     unknown = [n for n in args.names if n not in TINY_MODELS]

@@ -9,6 +9,8 @@ The file holds `user:scrypt$N$r$p$salt$hash` lines (salted hashes, never passwor
 user, delete their line.
 """
 
+import getpass
+
 import sys
 
 HELP = "add a user to the chat page's users file (passwords stored hashed)"
@@ -24,8 +26,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import getpass
-
     from attune.ui.passwords import UsersError, add_user
 
     if args.password_stdin:

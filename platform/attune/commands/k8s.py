@@ -11,6 +11,8 @@ overlay deploys the same), then builds the overlay with kustomize. Run from the 
 import sys
 from pathlib import Path
 
+import yaml
+
 HELP = "render the KubeRay manifests of a k8s/ overlay (cpu, gpu)"
 
 
@@ -26,8 +28,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from attune import k8s
-
-    import yaml
 
     root = Path.cwd()
     if args.serve_config:

@@ -6,6 +6,9 @@ cache for serving.
     attune plan recipes/llama3-8b-full.yaml scaling.device_memory_gib=80
 """
 
+import json
+from dataclasses import asdict
+
 HELP = "print a recipe's per-device memory plan (no cluster, no weights)"
 
 
@@ -17,9 +20,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import json
-    from dataclasses import asdict
-
     from attune.recipe import load_recipe
     from attune.train.memory_plan import format_plan, plan_recipe
 

@@ -4,6 +4,8 @@ first, with their losses and registry entries (`mlflow ui` shows them in full).
     attune runs
 """
 
+from datetime import datetime
+
 HELP = "list tracked training runs and search trials (MLflow)"
 
 
@@ -15,8 +17,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from datetime import datetime
-
     from attune.recipe import TrackingConfig
     from attune.tracking import list_runs, tracking_uri
 

@@ -12,30 +12,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import time
+    from attune.serve.local import serve_until_interrupted
 
-    from attune.cluster import exit_now, started_here
-    from attune.registry import read_manifest
-    from attune.serve.config import config_from_file
-    from attune.serve.local import run as serve_locally
-
-    config = config_from_file(args.config, args.overrides)  # fails before Ray starts
-    for location in config.entries:  # and so does an entry that is not there
-        read_manifest(location)
-    endpoint = serve_locally(config, host=args.host, port=args.port)
-    print(f"[attune] serving at {endpoint.base_url}", flush=True)
-    for model_id in endpoint.model_ids:
-        print(f"[attune]   model: {model_id}", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("[attune] shutting down", flush=True)
-        if started_here():
-            exit_now(0)  # the cluster is killed whole, at once: no replica to drain one by one
-        # As `serve run` does: the app goes with the command on a joined cluster too (Serve's
-        # shutdown also stops its HAProxy, which outlives a killed cluster otherwise).
-        from ray import serve
-
-        serve.shutdown()
-        return 0
+    return serve_until_interrupted(args.config, args.overrides, host=args.host, port=args.port)

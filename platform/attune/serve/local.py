@@ -1,20 +1,23 @@
 """`attune serve`: run the serving app on an embedded Ray (or RAY_ADDRESS) and say where it is.
 
     endpoint = run(config_from_file("deployments/tiny.yaml"), port=8000)
+    serve_until_interrupted("deployments/tiny.yaml", [], host="127.0.0.1", port=8000)  # the command
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 # ray_internals' names are read when used: imported by name up here, Serve would load and read
 # its settings from the environment before _enable_ha_proxy sets them.
 from attune import console, ray_internals
 from attune.capacity import check_fits
-from attune.cluster import HA_PROXY_ENV, ensure_ray
+from attune.cluster import HA_PROXY_ENV, ensure_ray, exit_now, started_here
 from attune.config import ConfigError
-from attune.serve.config import ServeConfig
+from attune.registry import read_manifest
+from attune.serve.config import ServeConfig, config_from_file
 from attune.serve.entries import base_for, read_entry
 
 
@@ -47,6 +50,30 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: st
         ids.append(f"{base_for(entry, config).id}:{entry.name}" if entry.is_lora else entry.name)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return Endpoint(f"http://{shown}:{port}{route_prefix.rstrip('/')}/v1", ids)
+
+
+def serve_until_interrupted(path: str, overrides: list[str], host: str, port: int) -> int:
+    """`attune serve`: the recipe's entry or the Serve config's models, until Ctrl-C."""
+    config = config_from_file(path, overrides)  # fails before Ray starts
+    for location in config.entries:  # and so does an entry that is not there
+        read_manifest(location)
+    endpoint = run(config, host=host, port=port)
+    print(f"[attune] serving at {endpoint.base_url}", flush=True)
+    for model_id in endpoint.model_ids:
+        print(f"[attune]   model: {model_id}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("[attune] shutting down", flush=True)
+        if started_here():
+            exit_now(0)  # the cluster is killed whole, at once: no replica to drain one by one
+        # As `serve run` does: the app goes with the command on a joined cluster too (Serve's
+        # shutdown also stops its HAProxy, which outlives a killed cluster otherwise).
+        from ray import serve  # loaded by run() already
+
+        serve.shutdown()
+        return 0
 
 
 def _check_serve_listens_on(host: str, port: int) -> None:
