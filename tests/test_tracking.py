@@ -123,9 +123,10 @@ def _searched_runs(server: str, proc, log: Path, timeout: float = 120) -> list[d
             body = json.dumps({"experiment_ids": ["0", "1"], "max_results": 100}).encode()
             request = urllib.request.Request(f"{server}/api/2.0/mlflow/runs/search", body,
                                              {"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=30) as response:
                 return json.loads(response.read())["runs"]
-        except (urllib.error.URLError, ConnectionError):
+        # a server still starting under load may accept and then not answer in time: ask again
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"mlflow ui did not answer:\n{log.read_text()[-2000:]}")
             time.sleep(1)
