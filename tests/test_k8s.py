@@ -562,7 +562,7 @@ def test_api_keys_come_from_the_secret(overlay):
 
 def test_chat_login_comes_from_the_secret(overlay):
     """The page on /chat calls /v1 with the server's key: a login guards it, from a Secret."""
-    from attune.ui.serve import ChatAppArgs
+    from attune.ui.serve_app import ChatAppArgs
 
     _, docs = overlay
     (service,) = of_kind(docs, "RayService")
@@ -579,7 +579,7 @@ def test_chat_login_comes_from_the_secret(overlay):
 def test_the_feedback_database_url_comes_from_the_secret(overlay):
     """Every pod the page's replica may run on reads the URL (a password in it) from the
     Secret; none is written into serveConfigV2, whose args Ray logs."""
-    from attune.ui.serve import ChatAppArgs
+    from attune.ui.serve_app import ChatAppArgs
 
     _, docs = overlay
     (service,) = of_kind(docs, "RayService")

@@ -6,7 +6,7 @@
 endpoint.py  client, model list, errors in words     chat.py     one streamed answer + its stats
 compare.py   two answers streaming side by side       page.py     the Gradio layout and events
 users.py     who may open the page (login or not)     passwords.py  the users file: salted hashes
-feedback.py  thumbs and corrections of answers      serve.py    the Serve deployment
+feedback.py  thumbs and corrections of answers      serve_app.py  the page as a Serve application
 """
 
 
@@ -24,7 +24,7 @@ def __getattr__(name: str):
 def build_app(args: dict | None = None):
     """Serve builder (import_path attune.ui:build_app)."""
     # Ray is loaded only when the page is served by Ray: `attune chat` starts without it.
-    from attune.ui.serve import build_app as build
+    from attune.ui.serve_app import build_app as build
 
     return build(args)
 
