@@ -7,12 +7,14 @@ endpoint.py  client, model list, errors in words     chat.py     one streamed an
 compare.py   two answers streaming side by side       page.py     the Gradio layout and events
 users.py     who may open the page (login or not)     passwords.py  the users file: salted hashes
 feedback.py  thumbs and corrections of answers      serve_app.py  the page as a Serve application
+config.py    the page's config (PageConfig), one for `attune chat`, ui/app.py and serve_app.py;
+             page.py's build_page_from_config is the builder all three call
 """
 
 
 
 def __getattr__(name: str):
-    if name in ("build_page", "launch_page"):
+    if name in ("build_page", "build_page_from_config", "launch_page"):
         # Gradio loads only where a page is built: every `attune` command imports
         # attune.ui.endpoint for its defaults, and gradio's import takes seconds.
         from attune.ui import page
@@ -29,4 +31,4 @@ def build_app(args: dict | None = None):
     return build(args)
 
 
-__all__ = ["build_app", "build_page", "launch_page"]
+__all__ = ["build_app", "build_page", "build_page_from_config", "launch_page"]
