@@ -12,9 +12,9 @@ import os
 
 from attune.ui import build_page_from_config, launch_page
 from attune.ui.config import PageConfig
-from attune.ui.endpoint import DEFAULT_ENDPOINT
+from attune.ui.endpoint import default_endpoint
 
-config = PageConfig(endpoint=os.environ.get("ATTUNE_ENDPOINT", DEFAULT_ENDPOINT),
+config = PageConfig(endpoint=default_endpoint(),
                     model=os.environ.get("ATTUNE_CHAT_MODEL"),
                     compare_model=os.environ.get("ATTUNE_CHAT_COMPARE_MODEL"),
                     auth=os.environ.get("ATTUNE_CHAT_AUTH", "login"),  # "none": open off loopback too
