@@ -31,6 +31,8 @@ RULES = [
     (TRAINING, SERVING + PAGE + TUNING, "training never imports serving, the page or tuning"),
     (PAGE, SERVING, "the page talks to any OpenAI endpoint, not to attune's serving code"),
 ]
+# The one module that imports Ray's private names (attune/ray_internals.py says why, name by name).
+RAY_INTERNALS = "attune.ray_internals"
 # Where importing inside a function needs no comment of its own: each subcommand loads the
 # library when it runs, for the command's start-up time (attune/commands/__init__.py says so).
 LAZY_BY_DESIGN = ("attune.commands",)
@@ -43,6 +45,7 @@ class Import:
     where: str  # file:line
     nested: bool  # inside a function or class body
     commented: bool  # a comment on its line or the line above (for a run of imports: the first)
+    names: tuple[str, ...] = ()  # what `from target import ...` takes, e.g. ("_get_global_client",)
 
     def __str__(self) -> str:
         return f"{self.where}: {self.module} imports {self.target}"
@@ -68,8 +71,9 @@ def read_imports(root: Path, package: str = "attune", shown_from: Path | None = 
                 above = lines[node.lineno - 2].strip() if node.lineno > 1 else ""
                 here = lines[node.lineno - 1]
                 commented = "#" in here or above.startswith("#") or not first_of_run
+                names = tuple(a.name for a in node.names) if isinstance(node, ast.ImportFrom) else ()
                 found.append(Import(module, target, f"{path.relative_to(shown_from or root)}:{node.lineno}",
-                                    nested, commented))
+                                    nested, commented, names))
     return found
 
 
@@ -132,6 +136,18 @@ def uncommented_nested_imports(imports: list[Import]) -> list[str]:
             and not _within(imp.module, LAZY_BY_DESIGN)]
 
 
+def private_ray_imports(imports: list[Import]) -> list[str]:
+    """Each import of a private Ray module (a part of its name starts with _) or of a private
+    name from any Ray module, outside attune.ray_internals."""
+    problems = []
+    for imp in imports:
+        private = [p for p in imp.target.split(".")[1:] + list(imp.names) if p.startswith("_")]
+        if _within(imp.target, ("ray",)) and private and imp.module != RAY_INTERNALS:
+            problems.append(f"{imp} ({', '.join(private)}): Ray's private names come from "
+                            f"{RAY_INTERNALS} alone")
+    return problems
+
+
 def import_cycles(imports: list[Import], package: str = "attune") -> list[str]:
     """Each cycle among the package's modules, as the chain of imports that closes it."""
     edges: dict[str, list[Import]] = {}
@@ -168,6 +184,11 @@ def test_the_library_has_no_import_cycles():
 
 def test_imports_inside_functions_say_why():
     problems = uncommented_nested_imports(read_imports(LIBRARY, shown_from=REPO))
+    assert not problems, "\n".join(problems)
+
+
+def test_only_ray_internals_imports_rays_private_names():
+    problems = private_ray_imports(read_imports(LIBRARY, shown_from=REPO))
     assert not problems, "\n".join(problems)
 
 
@@ -225,3 +246,24 @@ def test_a_planted_function_level_import_without_a_reason_is_named(planted):
     })
     (problem,) = uncommented_nested_imports(imports)
     assert problem.startswith("attune/registry.py:2: attune.registry imports matplotlib: inside")
+
+
+def test_a_planted_private_ray_import_is_named(planted):
+    imports = planted({
+        "attune/__init__.py": "",
+        "attune/ray_internals.py": "from ray._private.state import state\n",
+        "attune/capacity.py": "import ray\nfrom ray._private.state import state\n",
+        "attune/serve/__init__.py": "",
+        "attune/serve/auth.py": "from ray.serve.llm import LLMConfig\n"
+                                "from ray.serve.context import _get_global_client\n",
+        "attune/console.py": "def quiet():\n    # in a function all the same\n"
+                             "    import ray.data._internal.logging\n",
+    })
+    assert sorted(private_ray_imports(imports)) == [
+        "attune/capacity.py:2: attune.capacity imports ray._private.state (_private): Ray's "
+        "private names come from attune.ray_internals alone",
+        "attune/console.py:3: attune.console imports ray.data._internal.logging (_internal): "
+        "Ray's private names come from attune.ray_internals alone",
+        "attune/serve/auth.py:2: attune.serve.auth imports ray.serve.context (_get_global_client): "
+        "Ray's private names come from attune.ray_internals alone",
+    ]

@@ -320,3 +320,28 @@ def test_a_bad_poll_sleep_in_the_environment_names_the_variable(value):
 
     with pytest.raises(ValueError, match=f"{POLL_SLEEP_ENV}='{value}'"):
         poll_sleep_us(value)
+
+
+def test_building_the_models_configs_writes_nothing_and_deploying_copies_the_adapters(tmp_path):
+    """llm_configs only reads the entries; build_app then puts a LoRA entry where the app loads
+    it (promote_adapters: <lora_store>/<base id>/<entry name>/)."""
+    import json
+
+    from attune.serve.entries import promote_adapters
+    from attune.serve.llm_config import llm_configs
+
+    entry = tmp_path / "registry" / "tiny-lora"
+    entry.mkdir(parents=True)
+    (entry / "attune.json").write_text(json.dumps({"name": "tiny-lora", "method": "lora",
+                                                   "base_model": "attune:tiny-llama",
+                                                   "lora": {"rank": 8}}))
+    (entry / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ m }}",
+                                                             "eos_token": "</s>"}))
+    (entry / "adapter_config.json").write_text("{}")
+    store = tmp_path / "adapters"
+    config = validate(ServeConfig, {"base_models": [TINY], "entries": [str(entry)],
+                                    "lora_store": str(store)}, "serve args")
+    (base,) = llm_configs(config)
+    assert base.model_id == "tiny-llama" and not store.exists()
+    promote_adapters(config)
+    assert (store / "tiny-llama" / "tiny-lora" / "adapter_config.json").is_file()

@@ -13,10 +13,10 @@ import os
 import time
 
 import ray
-from ray._private.state import state as cluster_state
 from ray.autoscaler.sdk import request_resources
 
 from attune.config import ConfigError
+from attune.ray_internals import cluster_state
 
 # How long a run waits for the autoscaler to add nodes it needs before it gives up.
 SCALE_UP_TIMEOUT_ENV = "ATTUNE_SCALE_UP_TIMEOUT_S"

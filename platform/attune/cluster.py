@@ -26,6 +26,7 @@ from ray.util.debug import log_once
 from attune import console
 from attune.addresses import check_answers
 from attune.config import ConfigError
+from attune.ray_internals import canonicalize_bootstrap_address_or_die
 
 # Where the State API looks first for a cluster's dashboard (ray.dashboard.utils).
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
@@ -172,7 +173,7 @@ def check_cluster_answers(address: str) -> None:
 def _auto_address(key: str) -> str:
     """The GCS address `auto` stands for: the last `ray start`'s, else the one running GCS's."""
     try:
-        return ray._private.services.canonicalize_bootstrap_address_or_die("auto")
+        return canonicalize_bootstrap_address_or_die("auto")
     except ConnectionError as e:  # none found, or several: Ray's first sentence says which
         raise ConfigError(f"{key}: {str(e).split('. ')[0]}; set RAY_ADDRESS to a cluster's "
                           "host:port, or unset it to run Ray in this process") from None

@@ -16,8 +16,7 @@ import logging
 import os
 import re
 
-from ray._private import worker as ray_worker
-from ray.data._internal import logging as ray_data_logging
+from attune.ray_internals import ray_data_logging, ray_worker
 
 VERBOSE_ENV = "ATTUNE_VERBOSE"
 # What a worker's line must hold to reach a quiet console.

@@ -14,10 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import HTTPException
-from ray.llm._internal.common.models import global_id_manager
-from ray.llm._internal.common.utils.lora_utils import get_base_model_id, get_lora_id
-from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig, LLMConfig
-from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
+from ray.serve.llm import LLMConfig
+
+from attune.ray_internals import (
+    DiskMultiplexConfig,
+    LoraModelLoader,
+    get_base_model_id,
+    get_lora_id,
+    global_id_manager,
+)
 
 # Where an LLMConfig carries its adapters' directory (Ray's own field accepts only URIs).
 ADAPTERS_DIR = "attune_adapters_dir"

@@ -10,33 +10,31 @@ GPU, the servability checks, and API-key auth on Ray's own ingress app.
 from __future__ import annotations
 
 from ray import serve
-from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-from ray.llm._internal.serve.core.ingress.ingress import init, make_fastapi_ingress
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
+from ray.serve.llm.ingress import make_fastapi_ingress
 
 from attune.config import validate
-from attune.serve.auth import ApiKeyMiddleware
+from attune.ray_internals import init, to_model_metadata
+from attune.serve.auth import api_key_options
 from attune.serve.config import ServeConfig
 from attune.serve.direct import direct_app
-from attune.serve.ingress import (
-    Ingress,
-    RetryAfterMiddleware,
-    add_openai_error_handler,
-    use_plain_asgi_errors,
-)
-from attune.serve.llm_config import (REPLICA_ENV, SCORES, adapters_path, entry_scores, llm_configs,
-                                     logging_config)
-from attune.serve.request_body import BodyCheckMiddleware
+from attune.serve.entries import adapters_path, promote_adapters
+from attune.serve.ingress import Ingress, add_checks, add_openai_error_handler, use_plain_asgi_errors
+from attune.serve.llm_config import REPLICA_ENV, SCORES, entry_scores, llm_configs, logging_config
 from attune.serve.server import LLMServer
 
 
 def build_app(args: dict) -> Application:
-    """Ray Serve builder (`import_path: attune.serve:build_app`); `args` is a ServeConfig."""
+    """Ray Serve builder (`import_path: attune.serve:build_app`); `args` is a ServeConfig.
+
+    It runs once per deploy (`attune serve`, `serve run`, `serve deploy`'s build task). Once the
+    app is built, every entry checked, the config's LoRA entries are copied where the app loads
+    them: the one thing deploying writes (the builders below write nothing)."""
     config = args if isinstance(args, ServeConfig) else validate(ServeConfig, dict(args), "serve args")
-    if config.direct_streaming:
-        return direct_app(config)
-    return openai_app(llm_configs(config), config)
+    app = direct_app(config) if config.direct_streaming else openai_app(llm_configs(config), config)
+    promote_adapters(config)
+    return app
 
 
 def openai_app(configs: list[LLMConfig], config: ServeConfig) -> Application:
@@ -50,10 +48,7 @@ def openai_app(configs: list[LLMConfig], config: ServeConfig) -> Application:
     scores = entry_scores(config)
     app = init()
     use_plain_asgi_errors(app)
-    app.add_middleware(BodyCheckMiddleware)  # each added middleware wraps those added before
-    app.add_middleware(ApiKeyMiddleware, env_var=config.api_keys_env,
-                       key_file=config.api_keys_file, required=config.auth == "api_key")
-    app.add_middleware(RetryAfterMiddleware)
+    add_checks(app, api_key_options(config))
     add_openai_error_handler(app)
     ingress = make_fastapi_ingress(Ingress, app=app)
     options = Ingress.get_deployment_options(configs)

@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 import ray
-from ray.serve.context import _get_global_client
 
 from attune.addresses import is_loopback
+from attune.ray_internals import get_global_client
+from attune.serve.config import ServeConfig
 
 # Health and readiness stay open: Serve's own routes, and vLLM's when it is the ingress.
 OPEN_PATHS = {"/-/healthz", "/-/routes", "/health", "/ping"}
@@ -60,6 +61,12 @@ def openai_error(status: int, message: str, type_: str, code: str | int | None =
                  param: str | None = None) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "param": param,
                                  "code": code}}).encode()
+
+
+def api_key_options(config: ServeConfig) -> dict:
+    """ApiKeyMiddleware's options, as a serving config sets them."""
+    return {"env_var": config.api_keys_env, "key_file": config.api_keys_file,
+            "required": config.auth == "api_key"}
 
 
 class ApiKeyMiddleware:
@@ -107,4 +114,4 @@ class ApiKeyMiddleware:
 
 def _serve_http_host() -> str:
     """The host Serve's HTTP proxies bind, asked of the controller (we run inside a replica)."""
-    return ray.get(_get_global_client()._controller.get_http_config.remote()).host
+    return ray.get(get_global_client()._controller.get_http_config.remote()).host

@@ -14,19 +14,16 @@ start).
 
 from __future__ import annotations
 
-from ray.llm._internal.serve.core.ingress.builder import _build_direct_streaming_llm_deployment
-from ray.llm._internal.serve.core.server.llm_server import _add_middleware_to_built_app
-from ray.serve._private import constants as serve_constants
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig
 
 from attune.cluster import HA_PROXY_ENV
-from attune.serve.auth import ApiKeyMiddleware
+from attune.ray_internals import build_direct_streaming_llm_deployment, serve_constants
+from attune.serve.auth import api_key_options
 from attune.serve.config import ServeConfig
-from attune.serve.ingress import RetryAfterMiddleware
+from attune.serve.ingress import add_checks
 from attune.serve.llm_config import llm_configs
-from attune.serve.request_body import BodyCheckMiddleware
 from attune.serve.server import LLMServer
 
 
@@ -40,11 +37,10 @@ def direct_app(config: ServeConfig) -> Application:
     (llm_config,) = llm_configs(config)  # the config's validation allows exactly one
     # No LLMRouter in front (Ray attaches one, which HAProxy calls per request to pick a replica
     # round robin): HAProxy balances the replicas itself, by least connections.
-    return _build_direct_streaming_llm_deployment(
+    return build_direct_streaming_llm_deployment(
         llm_config, deployment_cls=DirectLLMServer,
         override_serve_options={"request_router_config": RequestRouterConfig()},
-        bind_kwargs={"auth": {"env_var": config.api_keys_env, "key_file": config.api_keys_file,
-                              "required": config.auth == "api_key"}})
+        bind_kwargs={"auth": api_key_options(config)})
 
 
 class DirectLLMServer(LLMServer):
@@ -56,10 +52,6 @@ class DirectLLMServer(LLMServer):
 
     async def __serve_build_asgi_app__(self):
         app = await super().__serve_build_asgi_app__()
-        # Each added middleware wraps the ones before it: auth first, then Retry-After on
-        # overload answers, then the body check, then vLLM's routes.
-        _add_middleware_to_built_app(app, BodyCheckMiddleware)
-        _add_middleware_to_built_app(app, RetryAfterMiddleware)
-        _add_middleware_to_built_app(app, ApiKeyMiddleware, **self._auth)
+        add_checks(app, self._auth)  # in front of vLLM's routes, as in the default app
         return app
 

@@ -74,20 +74,29 @@ def check_servable(entry: Entry, config: ServeConfig) -> None:
         raise NotServable(f"{entry.name}: no model config.json")
 
 
-def adapter_uri(config: ServeConfig, base: BaseModelSpec, entry_name: str) -> str:
-    """The app lists `<store>/<base id>/<name>/` and serves it as model 'base:name'."""
-    return f"{config.lora_store.rstrip('/')}/{base.id}/{entry_name}"
+def adapters_path(config: ServeConfig, base: BaseModelSpec) -> str:
+    """Where a base model's adapters are in the store: the app lists its subfolders `<name>/` as
+    adapters and serves each as model 'base:name'."""
+    return f"{config.lora_store.rstrip('/')}/{base.id}"
 
 
 def promote_adapter(entry: Entry, config: ServeConfig) -> str:
     """Copy a LoRA entry into the store the running app loads adapters from; returns its id."""
     check_servable(entry, config)
     base = base_for(entry, config)
-    fs, path = filesystem(adapter_uri(config, base, entry.name))
+    fs, path = filesystem(f"{adapters_path(config, base)}/{entry.name}")
     fs.create_dir(path, recursive=True)
     src_fs, src_path = filesystem(entry.location)
     pafs.copy_files(src_path, path, source_filesystem=src_fs, destination_filesystem=fs)
     return f"{base.id}:{entry.name}"
+
+
+def promote_adapters(config: ServeConfig) -> None:
+    """Copy each LoRA entry of the config into its store, where the app loads them from."""
+    for location in config.entries:
+        entry = read_entry(location)
+        if entry.is_lora:
+            promote_adapter(entry, config)
 
 
 def _list(location: str) -> list[str]:

@@ -19,20 +19,22 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from ray.llm._internal.serve.core.configs.openai_api_models import ModelList
-from ray.llm._internal.common.utils.lora_utils import get_lora_model_ids
-from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
-from ray.llm._internal.serve.core.ingress.middleware import (
-    _handle_validation_error,
-    get_request_id,
-)
-from ray.llm._internal.serve.utils.server_utils import get_response_for_error
+from ray.serve.llm.ingress import OpenAiIngress
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 
+from attune.ray_internals import (
+    ModelList,
+    get_lora_model_ids,
+    get_request_id,
+    get_response_for_error,
+    handle_validation_error,
+    serve_constants,
+)
 from attune.serve.adapters import adapter_metadata, adapter_names, is_directory
-from attune.serve.auth import openai_error
+from attune.serve.auth import ApiKeyMiddleware, openai_error
+from attune.serve.request_body import BodyCheckMiddleware
 
 # The name of the BaseHTTPMiddleware dispatch Ray LLM's ingress `init()` adds (Ray 2.60).
 RAY_ERRORS_DISPATCH = "_handle_application_exceptions"
@@ -48,10 +50,9 @@ class Ingress(OpenAiIngress):
         # A handle carries the transport of the process that created it, here the one that built
         # the app (`attune serve`, `serve deploy`'s build task), where RAY_SERVE_USE_GRPC_BY_DEFAULT
         # is unset: every streamed chunk would go back as a Ray object (a thread-pool hop and an
-        # RPC per chunk in the model server). The replica's own environment (REPLICA_ENV) decides.
-        from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
-
-        by_reference = not RAY_SERVE_USE_GRPC_BY_DEFAULT
+        # RPC per chunk in the model server). The replica's own environment (REPLICA_ENV) decides,
+        # as its Serve read it: the constant is looked up here, in the replica.
+        by_reference = not serve_constants.RAY_SERVE_USE_GRPC_BY_DEFAULT
         super().__init__({model_id: handle.options(_by_reference=by_reference)
                           for model_id, handle in llm_deployments.items()}, *args,
                          _get_lora_model_metadata_func=self._adapter_metadata, **kwargs)
@@ -112,6 +113,16 @@ def _error_body(status: int, message: str) -> bytes:
     return openai_error(status, message, kind, code=status)
 
 
+def add_checks(app: FastAPI, api_keys: dict) -> None:
+    """attune's middleware in front of an OpenAI app, Ray's ingress's or (direct streaming)
+    vLLM's: the API key (ApiKeyMiddleware's options), then Retry-After on overload answers, then
+    the request body."""
+    app.middleware_stack = None  # vLLM's app built its stack already: Starlette builds it again
+    app.add_middleware(BodyCheckMiddleware)  # each added middleware wraps those added before
+    app.add_middleware(RetryAfterMiddleware)
+    app.add_middleware(ApiKeyMiddleware, **api_keys)
+
+
 def add_openai_error_handler(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def openai_shaped(request: Request, exc: HTTPException) -> Response:
@@ -152,7 +163,7 @@ class ApplicationErrorsMiddleware:
 
 async def _error_response(request: Request, error: Exception) -> Response:
     if isinstance(error, RequestValidationError):
-        return await _handle_validation_error(request, error)
+        return await handle_validation_error(request, error)
     answer = get_response_for_error(error, get_request_id(request))
     return JSONResponse(content=answer.model_dump(), status_code=answer.error.code)
 

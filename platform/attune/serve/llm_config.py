@@ -13,8 +13,8 @@ from ray.serve.llm import LLMConfig
 from attune import modeling
 from attune.cluster import HA_PROXY_ENV
 from attune.serve.adapters import ADAPTERS_DIR, is_directory
-from attune.serve.config import BaseModelSpec, ServeConfig
-from attune.serve.entries import check_servable, promote_adapter, read_entry
+from attune.serve.config import ServeConfig
+from attune.serve.entries import adapters_path, check_servable, read_entry
 from attune.serve.node_model import ResolveModelOnNode
 from attune.serve.vllm_plugin import CPU_EXECUTOR_ENV, POLL_SLEEP_ENV
 
@@ -43,7 +43,8 @@ CPU_POLL_SLEEP_US = 20
 
 
 def llm_configs(config: ServeConfig) -> list[LLMConfig]:
-    """One vLLM deployment per base model and per full fine-tune; adapters ride on their base."""
+    """One vLLM deployment per base model and per full fine-tune; adapters ride on their base
+    (copied into the store by build_app, not here: building writes nothing)."""
     # each replica resolves the base model on its own node (attune.serve.node_model)
     configs = [llm_config(spec.id, modeling.node_ref(spec.name_or_path), config,
                           lora=bool(config.lora_store))
@@ -51,9 +52,7 @@ def llm_configs(config: ServeConfig) -> list[LLMConfig]:
     for location in config.entries:
         entry = read_entry(location)
         check_servable(entry, config)
-        if entry.is_lora:
-            promote_adapter(entry, config)  # served as "base:name" through dynamic loading
-        else:
+        if not entry.is_lora:  # an adapter is served as "base:name" through dynamic loading
             configs.append(llm_config(entry.name, location, config, lora=False))
     return configs
 
@@ -139,8 +138,3 @@ def _poll_sleep_us(config: ServeConfig) -> float:
     if config.engine.poll_sleep_us is not None:
         return config.engine.poll_sleep_us
     return CPU_POLL_SLEEP_US if config.accelerator == "cpu" else 0
-
-
-def adapters_path(config: ServeConfig, base: BaseModelSpec) -> str:
-    """Where a base model's adapters are in the store: Ray lists its subfolders as adapters."""
-    return f"{config.lora_store.rstrip('/')}/{base.id}"

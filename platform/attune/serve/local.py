@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 
-from attune import console
+# ray_internals' names are read when used: imported by name up here, Serve would load and read
+# its settings from the environment before _enable_ha_proxy sets them.
+from attune import console, ray_internals
 from attune.capacity import check_fits
 from attune.cluster import HA_PROXY_ENV, ensure_ray
 from attune.config import ConfigError
@@ -51,9 +52,7 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: st
 def _check_serve_listens_on(host: str, port: int) -> None:
     """Serve keeps the proxy of its first start: a cluster that already serves elsewhere ignores
     the host and port asked for (only a warning in Ray's log), so say so before deploying."""
-    from ray.serve.context import _get_global_client  # no public read of a running proxy's options
-
-    running = _get_global_client().http_config
+    running = ray_internals.get_global_client().http_config
     if (running.host, running.port) != (host, port):
         raise ConfigError(
             f"Ray Serve already listens on {running.host}:{running.port} in this cluster and its "
@@ -66,7 +65,7 @@ def _enable_ha_proxy() -> None:
     once, when its modules load and when the cluster's controller and proxies start: set it
     before either, for this process and the embedded Ray it starts."""
     os.environ[HA_PROXY_ENV] = "1"
-    constants = sys.modules.get("ray.serve._private.constants")
+    constants = ray_internals.loaded_serve_constants()
     if constants is not None and not constants.RAY_SERVE_ENABLE_HA_PROXY:
         raise ConfigError(f"direct_streaming: Ray Serve was loaded in this process before "
                           f"{HA_PROXY_ENV}=1 was set; set it before starting Python")

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import os
 
-from ray.llm._internal.common.callbacks.base import CallbackBase
-
 from attune import modeling
+from attune.ray_internals import CallbackBase
 
 
 class ResolveModelOnNode(CallbackBase):

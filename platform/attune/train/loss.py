@@ -28,9 +28,10 @@ class CausalLMLoss(torch.nn.Module):
         self.autocast_dtype = autocast_dtype  # bf16 compute over fp32 weights (not under FSDP)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                per_sequence: bool = False):
+                per_sequence: bool = False, per_token: bool = False):
         """Summed next-token loss over labelled tokens, and how many there were; with
-        `per_sequence`, each row's summed loss (its labelled tokens' negative log-probability)."""
+        `per_sequence`, each row's summed loss (its labelled tokens' negative log-probability);
+        with `per_token`, each token's as [rows, length - 1] (0 where unlabelled)."""
         targets = labels[:, 1:].flatten()
         labelled = targets != IGNORE
         with self._autocast(input_ids.device):
@@ -42,6 +43,10 @@ class CausalLMLoss(torch.nn.Module):
                                          ignore_index=IGNORE, reduction="none")
             else:
                 losses = self._chunked_losses(input_ids, position_ids, targets, labelled)
+        if per_token:
+            if self.chunk_tokens:  # the chunked losses are the labelled tokens' only
+                losses = losses.new_zeros(labelled.shape).masked_scatter(labelled, losses)
+            return losses.view(len(labels), -1)
         if per_sequence:
             row_of = torch.arange(len(labels), device=labels.device).repeat_interleave(
                 labels.shape[1] - 1)

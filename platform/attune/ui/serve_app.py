@@ -19,8 +19,8 @@ user it starts only when Serve listens on a loopback address, or with `auth: non
 from __future__ import annotations
 
 from ray import serve
-from ray.serve.context import _get_global_client
 
+from attune.ray_internals import get_global_client
 from attune.ui.config import PageConfig
 from attune.ui.users import page_login
 
@@ -31,7 +31,7 @@ class ChatPage:
     async def __init__(self, **args):
         self.config = PageConfig(**args)
         # Who can reach the page is where Serve listens (the controller knows; we run in a replica).
-        http = await _get_global_client()._controller.get_http_config.remote()
+        http = await get_global_client()._controller.get_http_config.remote()
         self.login = page_login(self.config.auth, http.host, self.config.users_file)
 
     def __serve_build_asgi_app__(self):
