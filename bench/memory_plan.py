@@ -29,6 +29,7 @@ from attune.modeling import ensure_tiny_llama
 from attune.recipe import Recipe
 from attune.train.memory_plan import plan_recipe
 from attune.train.memory_profile import measured_peak_bytes
+from attune.train.tokenizing import IGNORE
 
 # ~100M parameters: Llama-shaped, GQA (12 query heads, 4 kv heads), an untied 16k vocabulary.
 SHAPE_100M = dict(vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
@@ -57,12 +58,12 @@ def recipe_for(base: str, method: str, memory: dict, steps: int, micro: int, seq
 
 
 def packed_batch(vocab: int, micro: int, seq: int) -> dict:
-    """Rows of two documents each (positions restart), as attune.data.pack makes them."""
+    """Rows of two documents each (positions restart), as attune.train.rows packs them."""
     ids = torch.randint(0, vocab, (micro, seq), generator=torch.Generator().manual_seed(0))
     half = seq // 2
     positions = torch.cat([torch.arange(half), torch.arange(seq - half)]).expand(micro, seq)
     labels = ids.clone()
-    labels[:, 0] = labels[:, half] = -100
+    labels[:, 0] = labels[:, half] = IGNORE
     return {"input_ids": ids, "labels": labels, "position_ids": positions.contiguous(),
             "num_tokens": torch.full((micro,), seq)}
 
@@ -75,7 +76,7 @@ def pair_batch(vocab: int, micro: int, seq: int) -> dict:
     for side in ("chosen", "rejected"):
         ids = torch.randint(0, vocab, (micro, seq), generator=generator)
         labels = ids.clone()
-        labels[:, : seq // 2] = -100
+        labels[:, : seq // 2] = IGNORE
         batch |= {f"{side}_input_ids": ids, f"{side}_labels": labels}
     return batch
 

@@ -31,6 +31,7 @@ import torch
 
 from attune.recipe import Recipe
 from attune.train.loop import Loop, train_loop
+from attune.train.tokenizing import IGNORE
 
 SHAPES = {
     # Llama-3.2-1B: tied embeddings, 128k vocabulary
@@ -72,7 +73,7 @@ def packed_batches(batch: int, seq: int, vocab: int):
                 while start < seq:
                     n = min(int(torch.randint(64, seq // 2, (1,), generator=g)), seq - start)
                     positions[row, start:start + n] = torch.arange(n)
-                    labels[row, start] = -100
+                    labels[row, start] = IGNORE
                     start += n
             yield {"input_ids": ids, "labels": labels, "position_ids": positions,
                    "num_tokens": torch.full((batch,), seq)}

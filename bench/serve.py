@@ -197,7 +197,7 @@ def main() -> None:
 
     import ray
 
-    from attune.answers import qa_pairs
+    from attune.evaluate.greedy_answers import qa_pairs
     from attune.recipe import load_recipe
     from attune.train.trainer import fine_tune
 

@@ -130,7 +130,7 @@ def test_packing_keeps_samples_apart(tiny_base, tokenizer):
         alone = [NextTokenLoss()(with_loss, batch(pad([s], 256, tokenizer.pad_token_id)))[0]
                  for s in sorted(samples, key=lambda s: len(s["input_ids"]), reverse=True)]
     labels = torch.as_tensor(packed["labels"])
-    per_token = torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100,
+    per_token = torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE,
                                                   reduction="none")
     starts = np.flatnonzero(packed["position_ids"] == 0)[: len(samples)]
     ends = list(starts[1:]) + [int(packed["num_tokens"])]

@@ -21,9 +21,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import train
 from attune import corpus
-from attune.answers import greedy_answers, load_for_generation
-from attune.train.loss import IGNORE, CausalLMLoss
+from attune.evaluate.greedy_answers import greedy_answers, load_for_generation
+from attune.train.loss import CausalLMLoss
 from attune.train.methods.dpo import DPOLoss, adapters_off, pair_inputs
+from attune.train.tokenizing import IGNORE
 
 
 def _import_trl():

@@ -12,10 +12,15 @@ import pytest
 from mlflow import MlflowClient
 from running import ATTUNE, REPO
 
-from attune.answers import exact_match, greedy_answers, load_for_generation, qa_pairs
 from attune.config import ConfigError
-from attune.evaluation import check_requirements, parse_requirement
+from attune.evaluate.greedy_answers import (
+    exact_match,
+    greedy_answers,
+    load_for_generation,
+    qa_pairs,
+)
 from attune.registry import read_manifest
+from attune.serve.promotion_gate import check_requirements, parse_requirement
 
 
 def test_requirements_are_parsed_and_bad_ones_named():
@@ -86,7 +91,7 @@ def test_eval_scores_an_entry_and_promote_requires_them(tiny_full_entry, tmp_pat
 def test_the_local_harness_task_is_one_lm_evaluation_harness_loads(tmp_path):
     from lm_eval.tasks import TaskManager
 
-    from attune.harness import LOCAL_TASK, _scores, local_task
+    from attune.evaluate.lm_eval_harness import LOCAL_TASK, _scores, local_task
 
     local_task(tmp_path, [("What is 2+2?", "4"), ("Capital of France?", "Paris")])
     task = TaskManager(include_path=str(tmp_path)).load_task_or_group([LOCAL_TASK])[LOCAL_TASK]
@@ -99,7 +104,7 @@ def test_the_local_harness_task_is_one_lm_evaluation_harness_loads(tmp_path):
 
 
 def test_a_task_the_harness_does_not_know_is_refused_before_any_request():
-    from attune.harness import harness_scores
+    from attune.evaluate.lm_eval_harness import harness_scores
 
     with pytest.raises(ConfigError, match="no such lm-evaluation-harness task: arc_eazy"):
         harness_scores("http://127.0.0.1:9/v1", "key", "m", [("q", "a")], ["attune_qa", "arc_eazy"])

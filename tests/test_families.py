@@ -18,7 +18,7 @@ from openai import OpenAI
 from ray import serve
 
 from attune import chat_templates
-from attune.answers import greedy_answers, load_for_generation, qa_pairs
+from attune.evaluate.greedy_answers import greedy_answers, load_for_generation, qa_pairs
 from attune.modeling import load_tokenizer
 from attune.recipe import load_recipe
 from attune.serve import ServeConfig

@@ -562,13 +562,13 @@ def test_api_keys_come_from_the_secret(overlay):
 
 def test_chat_login_comes_from_the_secret(overlay):
     """The page on /chat calls /v1 with the server's key: a login guards it, from a Secret."""
-    from attune.ui.serve import ChatAppArgs
+    from attune.ui.config import PageConfig
 
     _, docs = overlay
     (service,) = of_kind(docs, "RayService")
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     (page,) = [a for a in config["applications"] if a["import_path"] == "attune.ui:build_app"]
-    args = ChatAppArgs(**page["args"])
+    args = PageConfig(**page["args"])
     assert args.auth == "login" and args.users_file, page["args"]
     for _, pod in pod_specs(service["spec"]["rayClusterConfig"]):
         (volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "attune-chat-users"]
@@ -579,13 +579,13 @@ def test_chat_login_comes_from_the_secret(overlay):
 def test_the_feedback_database_url_comes_from_the_secret(overlay):
     """Every pod the page's replica may run on reads the URL (a password in it) from the
     Secret; none is written into serveConfigV2, whose args Ray logs."""
-    from attune.ui.serve import ChatAppArgs
+    from attune.ui.config import PageConfig
 
     _, docs = overlay
     (service,) = of_kind(docs, "RayService")
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     (page,) = [a for a in config["applications"] if a["import_path"] == "attune.ui:build_app"]
-    assert ChatAppArgs(**page["args"]).feedback_db is None
+    assert PageConfig(**page["args"]).feedback_db is None
     for group, pod in pod_specs(service["spec"]["rayClusterConfig"]):
         (variable,) = [e for e in pod["containers"][0]["env"] if e["name"] == "ATTUNE_FEEDBACK_DB"]
         assert variable["valueFrom"]["secretKeyRef"] == {

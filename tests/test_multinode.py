@@ -27,8 +27,8 @@ from multinode import CPUS_PER_NODE
 from running import ATTUNE, Command
 
 from attune import k8s, registry
-from attune.answers import qa_pairs
 from attune.cluster import free_port
+from attune.evaluate.greedy_answers import qa_pairs
 from attune.ui.passwords import add_user
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,12 @@ import pytest
 from openai import OpenAI
 from running import ATTUNE, REPO
 
-from attune.answers import exact_match, greedy_answers, load_for_generation, qa_pairs
+from attune.evaluate.greedy_answers import (
+    exact_match,
+    greedy_answers,
+    load_for_generation,
+    qa_pairs,
+)
 from attune.registry import read_manifest
 
 pytestmark = pytest.mark.slow

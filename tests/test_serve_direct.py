@@ -30,8 +30,8 @@ from test_serve import (
     post,
 )
 
-from attune.answers import exact_match
 from attune.cluster import free_port
+from attune.evaluate.greedy_answers import exact_match
 from attune.serve.vllm_plugin import CPU_EXECUTOR_ENV
 
 pytestmark = pytest.mark.slow

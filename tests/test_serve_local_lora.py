@@ -14,8 +14,8 @@ from openai import OpenAI
 from running import ATTUNE, REPO, Command
 from test_serve import QUESTIONS, ask, ask_all
 
-from attune.answers import greedy_answers, load_for_generation
 from attune.cluster import free_port
+from attune.evaluate.greedy_answers import greedy_answers, load_for_generation
 from conftest import API_KEY
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from attune.answers import exact_match, greedy_answers, load_for_generation, qa_pairs
+from attune.evaluate.greedy_answers import (
+    exact_match,
+    greedy_answers,
+    load_for_generation,
+    qa_pairs,
+)
 from attune.recipe import load_recipe
 from attune.train.trainer import fine_tune
 

@@ -286,7 +286,7 @@ def test_page_as_a_serve_application_beside_the_endpoint(tab, chat_endpoint):
     from playwright.sync_api import expect
     from ray import serve
 
-    from attune.ui.serve import ChatPage
+    from attune.ui.serve_app import ChatPage
 
     # In a Serve config the key would come from the application's runtime_env (or a k8s secret).
     page_app = ChatPage.options(ray_actor_options={

@@ -245,6 +245,20 @@ def test_chat_command_refuses_an_open_page_on_a_network(tmp_path, monkeypatch, c
     assert [(kw["auth"], kw["users_file"]) for kw in launched] == [("none", None), ("login", str(users))]
 
 
+def test_attune_chat_builds_the_page_from_one_config(monkeypatch):
+    """The flags become a PageConfig, the same config the Serve app takes as its args."""
+    from attune.cli import main
+    from attune.ui.config import PageConfig
+
+    built = []
+    monkeypatch.setattr("attune.ui.build_page_from_config", built.append)
+    monkeypatch.setattr("attune.ui.launch_page", lambda page, **kw: None)
+    assert main(["chat", "--model", "tuned", "--compare-model", "base", "--auth", "none",
+                 "--no-feedback"]) == 0
+    assert built == [PageConfig(model="tuned", compare_model="base", auth="none", feedback=False)]
+    assert all(field.description for field in PageConfig.model_fields.values())
+
+
 def test_serve_builder_checks_its_args():
     from attune.ui import build_app
 

@@ -19,8 +19,8 @@ from attune import tracking
 from attune.cli import main
 from attune.cluster import check_cluster_answers, free_port
 from attune.config import ConfigError
+from attune.evaluate.lm_eval_harness import check_endpoint
 from attune.feedback import FeedbackStore
-from attune.harness import check_endpoint
 from attune.recipe import Recipe
 
 # Far more than the few seconds each takes (a loaded machine's imports included), far less than

@@ -20,9 +20,9 @@ from openai import OpenAI
 from transformers.utils import logging as hf_logging
 
 from attune import modeling
-from attune.answers import greedy_answers, load_for_generation, qa_pairs
 from attune.cluster import exit_now
 from attune.console import VERBOSE_ENV, verbose
+from attune.evaluate.greedy_answers import greedy_answers, load_for_generation, qa_pairs
 from attune.recipe import load_recipe
 from attune.serve.config import config_from_recipe
 from attune.serve.local import run

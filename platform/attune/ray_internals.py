@@ -11,7 +11,7 @@ not load Serve at import holds `ray_internals` itself and reads the name when it
 Beyond these names attune overrides or reads private members of Ray's classes, which no import
 shows: LLMServer's in attune.serve.server, OpenAiIngress's in attune.serve.ingress (and there,
 RAY_ERRORS_DISPATCH: the name of the middleware init() adds), the Serve client's `_controller`
-in attune.serve.auth and attune.ui.serve.
+in attune.serve.auth and attune.ui.serve_app.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ NAMES = {
     # attune.serve.direct, .ingress, .local: RAY_SERVE_ENABLE_HA_PROXY and
     # RAY_SERVE_USE_GRPC_BY_DEFAULT as this process's Serve read them; no public read.
     "serve_constants": (SERVE_CONSTANTS, None),
-    # attune.serve.auth, .local, attune.ui.serve: the running Serve's HTTP options (host, port);
+    # attune.serve.auth, .local, attune.ui.serve_app: the running Serve's HTTP options (host, port);
     # Serve has no public read of them.
     "get_global_client": ("ray.serve.context", "_get_global_client"),
     # attune.serve.node_model: the base of LLMConfig's callback_config.callback_class, which

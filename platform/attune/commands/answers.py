@@ -9,7 +9,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from attune.answers import exact_match, greedy_answers, load_for_generation, qa_pairs
+    from attune.evaluate.greedy_answers import (
+        exact_match,
+        greedy_answers,
+        load_for_generation,
+        qa_pairs,
+    )
 
     model, tokenizer = load_for_generation(args.model)
     pairs = qa_pairs(args.data)

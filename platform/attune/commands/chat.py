@@ -9,6 +9,8 @@ page uses it: off loopback the page needs a login (--users-file, ATTUNE_CHAT_USE
 ATTUNE_CHAT_USERS="user:pass,...") unless --auth none says to serve it open.
 """
 
+import sys
+
 HELP = "chat with served models in the browser (Gradio)"
 
 
@@ -32,22 +34,21 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import sys
-
-    from attune.ui import build_page, launch_page
-    from attune.ui.feedback import open_store
+    from attune.ui import build_page_from_config, launch_page
+    from attune.ui.config import PageConfig
     from attune.ui.users import UsersError, page_login
 
+    config = PageConfig(endpoint=args.endpoint, model=args.model, compare_model=args.compare_model,
+                        auth=args.auth, users_file=args.users_file,
+                        feedback=not args.no_feedback, feedback_db=args.feedback_db)
     try:
         # a malformed users file, or an open page on a network, fails here before the server starts
-        page_login(args.auth, args.host, args.users_file)
+        page_login(config.auth, args.host, config.users_file)
     except (UsersError, OSError) as e:
         print(f"attune: {e}", file=sys.stderr)
         return 2
-    feedback = None if args.no_feedback else open_store(args.feedback_db)
-    page = build_page(args.endpoint, model=args.model, compare_model=args.compare_model,
-                      feedback=feedback)
-    print(f"[attune] chat page for {args.endpoint} at http://{args.host}:{args.port}/ (Ctrl-C to stop)",
+    page = build_page_from_config(config)
+    print(f"[attune] chat page for {config.endpoint} at http://{args.host}:{args.port}/ (Ctrl-C to stop)",
           flush=True)
-    launch_page(page, host=args.host, port=args.port, auth=args.auth, users_file=args.users_file)
+    launch_page(page, host=args.host, port=args.port, auth=config.auth, users_file=config.users_file)
     return 0

@@ -35,7 +35,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from attune.evaluation import Served, evaluate
+    from attune.evaluate.scores import Served, evaluate
     from attune.registry import read_manifest
 
     served = None

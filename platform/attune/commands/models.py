@@ -6,8 +6,10 @@ HELP = "list the models an endpoint serves"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--endpoint", default=os.environ.get("ATTUNE_ENDPOINT", "http://127.0.0.1:8000/v1"))
-    parser.add_argument("--api-key", default=os.environ.get("ATTUNE_API_KEY", "none"),
+    from attune.ui.endpoint import API_KEY_ENV, default_endpoint
+
+    parser.add_argument("--endpoint", default=default_endpoint())
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV, "none"),
                         help="bearer key (default: $ATTUNE_API_KEY)")
 
 

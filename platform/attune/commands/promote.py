@@ -18,7 +18,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from attune.evaluation import check_requirements
+    from attune.serve.promotion_gate import check_requirements
     from attune.registry import read_manifest
     from attune.serve.promote import promote
 

@@ -12,7 +12,13 @@ import os
 import openai
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"  # where `attune serve` listens
+ENDPOINT_ENV = "ATTUNE_ENDPOINT"
 API_KEY_ENV = "ATTUNE_API_KEY"
+
+
+def default_endpoint() -> str:
+    """The endpoint where none is given: $ATTUNE_ENDPOINT, else where `attune serve` listens."""
+    return os.environ.get(ENDPOINT_ENV, DEFAULT_ENDPOINT)
 
 
 def make_client(base_url: str, api_key: str | None = None) -> openai.OpenAI:

@@ -1,6 +1,7 @@
 """The chat page: a Gradio Blocks app over one OpenAI-compatible endpoint.
 
     page = build_page("http://127.0.0.1:8000/v1", model="tiny-full"); page.launch()
+    page = build_page_from_config(config)   # the page's config (ui/config.py), as every caller has it
 
 Left: model picker (filled from /v1/models, ↻ to refresh; `attune eval`'s scores of the models
 that have them), compare mode, system prompt and
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import gradio as gr
 
@@ -21,6 +23,7 @@ from attune.feedback import FeedbackStore
 from attune.ui.chat import GenerationSettings, Reply, Turn, messages_for, stream_reply
 from attune.ui import feedback as page_feedback
 from attune.ui.compare import side_by_side
+from attune.ui.config import PageConfig
 from attune.ui.endpoint import describe_error, describe_scores, list_models, make_client
 from attune.ui.users import Login, page_login
 
@@ -31,6 +34,17 @@ _ESCAPED_LIST_MARKER = re.compile(r"(?m)^(\s*\d+)\\([.)])")
 _STATS_LINE = re.compile(r"\s*<sub>[^<]*</sub>\s*$")
 CORRECTED = "✎ corrected: what the model said is kept as feedback"
 NO_MODEL = "No model selected: the endpoint listed none. Press ↻ Refresh models once it is up."
+
+
+def build_page_from_config(config: PageConfig) -> gr.Blocks:
+    """The page `config` describes, for `attune chat`, ui/app.py and the Serve application alike:
+    its key read from `api_key_file`, its feedback database opened and brought up to date."""
+    key_file = config.api_key_file
+    api_key = (Path(key_file).read_text().split()[0]
+               if key_file and Path(key_file).is_file() else None)
+    feedback = page_feedback.open_store(config.feedback_db) if config.feedback else None
+    return build_page(config.endpoint, model=config.model, compare_model=config.compare_model,
+                      api_key=api_key, title=config.title, feedback=feedback)
 
 
 def build_page(endpoint: str, *, model: str | None = None, compare_model: str | None = None,

@@ -1,6 +1,7 @@
-"""Ask a model the bundled questions with plain transformers, and score its answers.
+"""Greedy answers of a model to the bundled questions, with plain transformers, and their exact
+match.
 
-    python -m attune.answers ~/.attune/registry/tiny-full      # exact-match on the training set
+    python -m attune.evaluate.greedy_answers ~/.attune/registry/tiny-full   # on the training set
 
 Used by `make demo` (base vs fine-tuned side by side) and by the tests of what a model learned.
 """

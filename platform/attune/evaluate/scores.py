@@ -1,20 +1,18 @@
-"""Score a registry entry on held-out chats, record the scores in its manifest, and gate
-promotion on them.
+"""What `attune eval` computes and records: a registry entry's scores on held-out chats, written
+into its manifest (where `attune promote --require` reads them) and its MLflow run.
 
     record = evaluate("~/.attune/registry/tiny-full", "data/transformer_qa.jsonl")
-    check_requirements(record["scores"], ["exact_match>=0.9"])
+    record["scores"]  # {"eval_loss": 0.0102, "exact_match": 1.0}
 
 Scores: `eval_loss`, the mean next-token loss over the answers' tokens, counted as training's
 evaluation counts it (the recipe's rows, the same labels); `exact_match`, the share of greedy
 answers to each chat's first question equal to its first answer; with the entry served,
-`<task>.<metric>` of lm-evaluation-harness's tasks run against its endpoint (attune.harness).
+`<task>.<metric>` of lm-evaluation-harness's tasks run against its endpoint (lm_eval_harness.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import operator
-import re
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,18 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
+import torch
 
-from attune.config import ConfigError
-from attune.harness import check_endpoint, harness_scores
+from attune.evaluate.greedy_answers import exact_match, greedy_answers, load_for_generation
+from attune.evaluate.lm_eval_harness import check_endpoint, harness_scores
 from attune.registry import read_manifest, update_manifest
 from attune.store import filesystem
 from attune.tracking import log_scores
 from attune.train.datasets import local_rows
+from attune.train.loss import CausalLMLoss
 from attune.train.records import files_hash, read_records
-
-COMPARISONS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt,
-               "==": operator.eq}
-REQUIREMENT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(>=|<=|==|>|<)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*$")
 
 
 @dataclass
@@ -54,9 +50,6 @@ def evaluate(location: str, data_file: str, data_format: str = "messages",
     if served:  # before the scoring, not after it
         check_endpoint(served.base_url, served.api_key, served.model)
     with _local_copy(location) as path:
-        # torch loads only to score: `attune promote --require` reads the scores without it
-        from attune.answers import exact_match, greedy_answers, load_for_generation
-
         model, tokenizer = load_for_generation(path)
         scores = {"eval_loss": _eval_loss(model, path, records, recipe["data"]["max_seq_len"],
                                           batch_size)}
@@ -79,11 +72,6 @@ def evaluate(location: str, data_file: str, data_format: str = "messages",
 
 
 def _eval_loss(model, path: str, records: list, max_seq_len: int, batch_size: int) -> float:
-    # torch loads only to score, as above
-    import torch
-
-    from attune.train.loss import CausalLMLoss
-
     rows = local_rows(records, "sft", path, None, max_seq_len, packing=False)
     loss = CausalLMLoss(model)
     total, tokens = 0.0, 0
@@ -113,35 +101,3 @@ def _local_copy(location: str):
     with tempfile.TemporaryDirectory(prefix="attune-eval-") as tmp:
         pafs.copy_files(path, tmp, source_filesystem=fs)
         yield tmp
-
-
-def parse_requirement(text: str) -> tuple[str, str, float]:
-    """'exact_match>=0.9' -> ('exact_match', '>=', 0.9)."""
-    match = REQUIREMENT.match(text)
-    if not match:
-        raise ConfigError(f"--require {text!r}: expected SCORE OP NUMBER, e.g. 'exact_match>=0.9' "
-                          f"(OP one of {', '.join(COMPARISONS)})")
-    name, op, value = match.groups()
-    return name, op, float(value)
-
-
-def check_requirements(manifest: dict, requirements: list[str]) -> None:
-    """Raise ConfigError, with the entry's scores, unless every requirement holds."""
-    parsed = [parse_requirement(r) for r in requirements]  # every one well-formed before any check
-    if not parsed:
-        return
-    scores = (manifest.get("eval") or {}).get("scores")
-    if scores is None:
-        raise ConfigError(f"{manifest['name']} has no evaluation scores; run `attune eval` on it "
-                          "first")
-    failed = []
-    for name, op, value in parsed:
-        if name not in scores:
-            raise ConfigError(f"--require {name}: no such score (the entry has "
-                              f"{', '.join(sorted(scores))})")
-        if not COMPARISONS[op](scores[name], value):
-            failed.append(f"{name} {scores[name]:.4g} (needs {op} {value:g})")
-    if failed:
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(scores.items()))
-        raise ConfigError(f"not promoting {manifest['name']}: {'; '.join(failed)}. Its scores "
-                          f"on {manifest['eval']['data']}: {shown}")
