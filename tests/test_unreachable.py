@@ -87,6 +87,21 @@ class _Models(BaseHTTPRequestHandler):
         pass
 
 
+def test_attune_models_lists_an_endpoints_models_or_says_in_one_line_that_none_answers():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Models)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        listed = subprocess.run([*ATTUNE, "models", "--endpoint",
+                                 f"http://127.0.0.1:{server.server_port}/v1"], cwd=REPO,
+                                capture_output=True, text=True, timeout=ENDS_WITHIN_S)
+    finally:
+        server.shutdown()
+    assert listed.returncode == 0 and listed.stdout.split() == ["tiny-llama"], listed.stderr[-3000:]
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    assert fails_in_one_line("models", "--endpoint", url).startswith(
+        f"attune: Cannot reach the endpoint at {url}.")
+
+
 def test_an_eval_endpoint_that_does_not_serve_the_model():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Models)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -15,9 +15,10 @@ HELP = "chat with served models in the browser (Gradio)"
 
 
 def add_arguments(parser) -> None:
-    from attune.ui.endpoint import DEFAULT_ENDPOINT
+    from attune.ui.endpoint import ENDPOINT_ENV, default_endpoint
 
-    parser.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"OpenAI base URL (default {DEFAULT_ENDPOINT})")
+    parser.add_argument("--endpoint", default=default_endpoint(),
+                        help=f"OpenAI base URL (default: ${ENDPOINT_ENV}, else {default_endpoint()})")
     parser.add_argument("--model", help="model selected when the page opens (default: the first listed)")
     parser.add_argument("--compare-model", help="second model selected for compare mode")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")

@@ -14,8 +14,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from openai import OpenAI
+    from attune.config import ConfigError
+    from attune.ui.endpoint import describe_error, list_models, make_client
 
-    for model in OpenAI(base_url=args.endpoint, api_key=args.api_key).models.list().data:
-        print(model.id)
+    try:
+        models = list_models(make_client(args.endpoint, args.api_key))
+    except Exception as e:  # an endpoint down or refusing the key: one line, not a traceback
+        raise ConfigError(describe_error(e, args.endpoint)) from None
+    for model in models:
+        print(model)
     return 0
