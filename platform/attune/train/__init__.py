@@ -19,4 +19,6 @@ preflight.py    what the driver checks before any cluster work
 memory_plan.py  a worker's device memory, from the model's config and the recipe
 memory_profile.py, throughput.py, faults.py   beside the loop: the measured peak, MFU, a
                 fault injected for the recovery tests
+rewards.py      verifiable rewards for reinforcement learning
+rollouts.py     a vLLM engine in a Ray actor: samples, log-probs, new weights
 """
