@@ -10,16 +10,15 @@ for the trainer object that holds the settings and metrics that method reads.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from conftest import train
+from trl_reference import lora_policy, trl_trainers
 from attune import corpus
 from attune.evaluate.greedy_answers import greedy_answers, load_for_generation
 from attune.train.loss import CausalLMLoss
@@ -27,21 +26,7 @@ from attune.train.methods.dpo import DPOLoss, adapters_off, pair_inputs
 from attune.train.tokenizing import IGNORE
 
 
-def _import_trl():
-    """TRL's DPOTrainer and fused LM head, the process's environment kept: TRL's import sets
-    VLLM_LOGGING_LEVEL=ERROR where it is unset (trl/_compat.py), and every vLLM engine the test
-    session started afterwards inherited it, silencing the log lines other tests read."""
-    before = os.environ.get(VLLM_LOGGING)
-    from trl import DPOTrainer
-    from trl.trainer.utils import add_fused_lm_head
-
-    if before is None:
-        os.environ.pop(VLLM_LOGGING, None)
-    return DPOTrainer, add_fused_lm_head
-
-
-VLLM_LOGGING = "VLLM_LOGGING_LEVEL"
-DPOTrainer, add_fused_lm_head = _import_trl()
+DPOTrainer, _ = trl_trainers()
 
 PAIRS = [("How many layers does BERT-base have?", "12.", "24."),
          ("Who released BERT-base?", "Google.", "OpenAI, in 2019."),
@@ -101,13 +86,7 @@ def _lengths(labels: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def lora_model(tiny_base):
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
-    # TRL's per-token log-probs and the fields its metrics read; attune's forward is the original
-    add_fused_lm_head(base, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
-    # Random adapters (init_lora_weights=False): the policy differs from the reference.
-    return get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                           init_lora_weights=False)).eval()
+    return lora_policy(tiny_base)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])

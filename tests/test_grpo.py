@@ -11,15 +11,15 @@ holds the settings and metrics that method reads, as tests/test_dpo.py does for 
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from contextlib import nullcontext
 from types import MethodType, SimpleNamespace
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
+
+from trl_reference import lora_policy, trl_trainers
 
 from attune.config import ConfigError
 from attune.train.loss import CausalLMLoss
@@ -29,18 +29,8 @@ from attune.train.rewards import RewardConfig, RewardError, load_rewards, score
 from attune.train.tokenizing import IGNORE
 
 
-def _import_trl():
-    """TRL's GRPOTrainer, nanstd and fused LM head, the environment kept (see test_dpo.py)."""
-    before = os.environ.get("VLLM_LOGGING_LEVEL")
-    from trl import GRPOTrainer
-    from trl.trainer.utils import add_fused_lm_head, nanstd
-
-    if before is None:
-        os.environ.pop("VLLM_LOGGING_LEVEL", None)
-    return GRPOTrainer, add_fused_lm_head, nanstd
-
-
-GRPOTrainer, add_fused_lm_head, nanstd = _import_trl()
+_, GRPOTrainer = trl_trainers()
+from trl.trainer.utils import nanstd  # noqa: E402 (TRL's import kept the environment above)
 PROMPT = [{"role": "user", "content": "How many layers does BERT-base have?"}]
 # one group: four completions of different lengths for one prompt
 COMPLETIONS = ["12.", "BERT-base has 12 layers.", "24.", "It has twelve encoder layers, like GPT-1."]
@@ -50,12 +40,7 @@ TRL_AGGREGATION = {"sequence": "grpo", "token": "dapo", "dr_grpo": "dr_grpo"}
 
 @pytest.fixture(scope="module")
 def lora_model(tiny_base):
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
-    add_fused_lm_head(base, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
-    # random adapters: the policy differs from the reference (the adapters off)
-    return get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                           init_lora_weights=False)).eval()
+    return lora_policy(tiny_base)
 
 
 def rollout_batch(tokenizer) -> tuple[dict, int, int]:
