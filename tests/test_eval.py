@@ -5,6 +5,7 @@ nothing, then promoting it when the bound holds."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -86,6 +87,13 @@ def test_eval_scores_an_entry_and_promote_requires_them(tiny_full_entry, tmp_pat
     assert promoted.returncode == 0, promoted.stderr
     assert f"added tiny-full to {config}" in promoted.stdout
     assert str(entry) in json.dumps(config.read_text())
+    # again, spelled with ~ as a serving file would keep it: still one entry in the file
+    listed = config.read_text()
+    home = {**os.environ, "HOME": str(tmp_path)}
+    again = subprocess.run([*ATTUNE, "promote", "~/tiny-full", "--config", str(config)], cwd=REPO,
+                           capture_output=True, text=True, env=home)
+    assert again.returncode == 0, again.stderr
+    assert config.read_text() == listed
 
 
 def test_the_local_harness_task_is_one_lm_evaluation_harness_loads(tmp_path):

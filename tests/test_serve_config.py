@@ -345,3 +345,15 @@ def test_building_the_models_configs_writes_nothing_and_deploying_copies_the_ada
     assert base.model_id == "tiny-llama" and not store.exists()
     promote_adapters(config)
     assert (store / "tiny-llama" / "tiny-lora" / "adapter_config.json").is_file()
+
+
+def test_one_entry_in_two_spellings_is_one_location(tmp_path, monkeypatch):
+    from attune.store import same_location
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert same_location("~/.attune/registry/tiny-full", str(tmp_path / ".attune/registry/tiny-full"))
+    assert same_location("registry/tiny-full", str(tmp_path / "registry" / "tiny-full"))
+    assert not same_location("~/.attune/registry/tiny-full", "~/.attune/registry/tiny-lora")
+    assert same_location("s3://bucket/registry/x", "s3://bucket/registry/x")
+    assert not same_location("s3://bucket/registry/x", "s3://bucket/registry/y")

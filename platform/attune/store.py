@@ -27,6 +27,15 @@ def filesystem(location: str):
     return pafs.FileSystem.from_uri(location)
 
 
+def same_location(a: str, b: str) -> bool:
+    """Whether two spellings name one place: `~/x`, `./x` and `/home/you/x`, or equal URIs."""
+    return _canonical(a) == _canonical(b)
+
+
+def _canonical(location: str) -> str:
+    return location if "://" in location else str(Path(location).expanduser().resolve())
+
+
 def say_if_maybe_node_local(locations: dict[str, str], nodes: int) -> None:
     """On a cluster of several nodes, a local path must be a directory every node mounts at that
     path; attune cannot tell one from a node's own disk, so it says what it assumes."""

@@ -12,6 +12,7 @@ import yaml
 from attune.config import read_mapping
 from attune.serve.config import app_args, config_from_file
 from attune.serve.entries import check_servable, promote_adapter, read_entry
+from attune.store import same_location
 
 
 def promote(entry_location: str, config_path: str) -> str:
@@ -24,7 +25,8 @@ def promote(entry_location: str, config_path: str) -> str:
         return f"promoted {entry.name}: the running app serves it now as '{model_id}'"
     raw = read_mapping(config_path, "serving config")
     args = app_args(raw, config_path)
-    if entry_location not in args.setdefault("entries", []):
+    # the shell expands `~` in the command; the file may keep it: one entry either way
+    if not any(same_location(entry_location, listed) for listed in args.setdefault("entries", [])):
         args["entries"].append(entry_location)
         text = Path(config_path).read_text()
         header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
