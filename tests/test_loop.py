@@ -70,3 +70,20 @@ def test_eval_batches_are_kept_only_after_a_whole_pass():
     next(partial)
     assert cache == []
     assert list(_recording(iter(range(3)), cache)) == [0, 1, 2] and cache == [0, 1, 2]
+
+
+def test_a_worker_alone_is_not_replicated():
+    """Ray Train runs even one worker distributed; with no other rank, DDP would only copy every
+    gradient into its buckets and all-reduce it with itself, so the model is left unwrapped."""
+    import torch
+    import torch.distributed as dist
+
+    from attune.train import parallel
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        model = parallel.wrap(torch.nn.Linear(2, 2), "ddp", torch.device("cpu"))
+        assert not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        assert parallel.all_reduce_sum([1.0, 2.0], torch.device("cpu")) == [1.0, 2.0]
+    finally:
+        dist.destroy_process_group()

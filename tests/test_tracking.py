@@ -5,6 +5,7 @@ search's trials are MLflow runs too (tests/test_tune.py); `attune runs` lists th
 from __future__ import annotations
 
 import json
+import pickle
 import signal
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def test_a_resumed_run_holds_the_whole_history_each_step_once(tmp_path):
     entry.mkdir()
     (entry / "attune.json").write_text(json.dumps({"history": history}))
     with train_run(recipe) as run:
-        (reports,) = run.callbacks
+        (reports,) = [pickle.loads(pickle.dumps(c)) for c in run.callbacks]  # as the controller gets it
         for report in (history[1], history[1], history[2]):  # the checkpoint's step comes again
             reports.after_report(None, [report], None)
         run.finish(str(entry))

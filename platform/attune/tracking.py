@@ -122,13 +122,28 @@ class ReportsToMlflow(UserCallback):
         self.uri, self.run_id = uri, run_id
         self._logged: set[int] = set()
         self._failed = False
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None}
+
+    def __setstate__(self, state: dict) -> None:
+        """Arrived at the controller, before the workers train: the client is made now, as a
+        sqlite store's costs about a CPU-second to set up (no request to a server), which at the
+        first report would come out of the training steps beside it."""
+        self.__dict__.update(state)
+        try:
+            self._client = mlflow_client(self.uri)
+        except Exception:  # noqa: BLE001 - after_report tries again, and says why
+            self._client = None
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         step = int(metrics[0].get("step", 0))
         if step in self._logged:  # a restarted worker group reports its checkpoint's metrics again
             return
         try:
-            log_metrics(mlflow_client(self.uri), self.run_id, [metrics[0]])
+            self._client = self._client or mlflow_client(self.uri)
+            log_metrics(self._client, self.run_id, [metrics[0]])
             self._logged.add(step)
         except Exception as e:  # a tracking server's outage must not stop the training
             if not self._failed:

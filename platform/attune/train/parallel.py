@@ -36,7 +36,7 @@ def world_size() -> int:
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not is_distributed():
+    if world_size() == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -56,7 +56,9 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device, *, frozen:
     on_meta = any(p.is_meta for p in model.parameters())
     if not shards(strategy):
         model = _materialized(model, device) if on_meta else model.to(device)
-        if not is_distributed() or frozen:
+        # One rank has nothing to replicate: DDP would only copy every gradient into its buckets
+        # and all-reduce them with itself (a Ray Train worker alone is still distributed).
+        if world_size() == 1 or frozen:
             return model
         # DDP's constructor broadcasts rank 0's parameters and buffers to every rank.
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
