@@ -57,6 +57,10 @@ def test_a_ray_agent_that_lost_its_marker_and_its_raylet_is_found_by_where_it_wo
             time.sleep(0.1)  # until bash has exec'd under its new name
         assert orphaned_ray_processes(tmp_path) == {agent: "ray::PlantedAgent 600"}
         assert left_behind("planted-none", grace_s=0, cwd=tmp_path) == {agent: "ray::PlantedAgent 600"}
+        # killed: gone once the kernel has delivered the SIGKILL (a moment later on a busy machine)
+        deadline = time.monotonic() + 30
+        while orphaned_ray_processes(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert orphaned_ray_processes(tmp_path) == {}
     finally:
         subprocess.run(["kill", "-9", str(agent)], capture_output=True)

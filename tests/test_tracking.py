@@ -105,8 +105,10 @@ def test_mlflow_ui_shows_the_run_with_its_entry(tiny_full_entry, tmp_path):
     tracked = read_manifest(tiny_full_entry)["mlflow"]
     port = free_port()
     with open(tmp_path / "mlflow.log", "w") as log:
+        # One worker: uvicorn restarts workers that miss its health check, and on a busy machine
+        # four starting at once missed it again and again (the UI never answered).
         ui = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "ui", "--port", str(port),
-                               "--backend-store-uri", tracked["tracking_uri"]],
+                               "--workers", "1", "--backend-store-uri", tracked["tracking_uri"]],
                               cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         runs = _searched_runs(f"http://127.0.0.1:{port}", ui, tmp_path / "mlflow.log")
