@@ -33,7 +33,8 @@ def write_jsonl(tmp_path, rows, name="d.jsonl"):
 
 def test_bundled_datasets_are_what_the_generator_writes(tmp_path):
     for name, lines in [("transformer_qa.jsonl", corpus.examples()),
-                        ("transformer_qa_preferences.jsonl", corpus.preference_pairs())]:
+                        ("transformer_qa_preferences.jsonl", corpus.preference_pairs()),
+                        ("transformer_qa_prompts.jsonl", corpus.prompts())]:
         regenerated = corpus.write(tmp_path / name, lines).read_bytes()
         assert Path("data", name).read_bytes() == regenerated
     assert len(corpus.examples()) >= 200
@@ -49,6 +50,28 @@ def test_a_bad_preference_line_names_its_file_and_line(tmp_path, row, message):
     path = write_jsonl(tmp_path, [{"prompt": "Q?", "chosen": "A.", "rejected": "B."}, row])
     with pytest.raises(DataError, match=rf"d\.jsonl:2: .*{re.escape(message)}"):
         read_records([path], "preference")
+
+
+def test_a_prompts_line_keeps_its_other_fields_for_the_rewards(tmp_path):
+    path = write_jsonl(tmp_path, [
+        {"prompt": "How many layers does BERT-base have?", "answer": "12", "level": 1},
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Who released GPT-2?"}], "answer": "OpenAI"}])
+    first, second = read_records([path], "prompts")
+    assert first.messages == [{"role": "user", "content": "How many layers does BERT-base have?"}]
+    assert first.fields == {"answer": "12", "level": 1} and second.fields == {"answer": "OpenAI"}
+    assert [m["role"] for m in second.messages] == ["system", "user"]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"answer": "12"}, "needs a non-empty string 'prompt'"),
+    ({"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]},
+     "ends with the turn to answer"),
+])
+def test_a_bad_prompts_line_names_its_file_and_line(tmp_path, row, message):
+    path = write_jsonl(tmp_path, [{"prompt": "Q?"}, row])
+    with pytest.raises(DataError, match=rf"d\.jsonl:2: .*{re.escape(message)}"):
+        read_records([path], "prompts")
 
 
 def test_a_preference_pair_is_labelled_on_its_answers_only(tiny_base):

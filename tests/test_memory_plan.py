@@ -22,7 +22,8 @@ from attune.config import ConfigError
 from attune.modeling import model_config
 from attune.recipe import Recipe, load_recipe
 from attune.train import preflight, trainer
-from attune.train.memory_plan import GiB, model_shape, plan, plan_recipe, with_overrides
+from attune.train.memory_plan import (GiB, model_shape, plan, plan_recipe, rows_per_micro_batch,
+                                      with_overrides)
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -55,6 +56,24 @@ def test_an_8b_full_fine_tune_fits_8_gpus_of_80_gb_under_fsdp(tmp_path):
     state = p.terms["parameters"] + p.terms["gradients"] + p.terms["optimizer states"]
     assert state == pytest.approx(16 * p.shape.params / 8, rel=1e-6)
     assert p.fits and 15 * GiB < p.total_bytes < 40 * GiB, p.terms
+
+
+def test_grpo_counts_a_groups_sequences_and_the_engines_beside_the_workers(tmp_path):
+    grpo = {"objective": "grpo", "rewards": [{"function": "contains_answer"}], "num_generations": 8}
+    model = config_only(tmp_path, "8b", LLAMA_8B)
+    sft = plan_recipe(gpu_recipe(model, 8))
+    recipe = gpu_recipe(model, 8, data={"max_seq_len": 4096, "format": "prompts"},
+                        method={**grpo, "engine_gpus": 1})
+    apart = plan_recipe(recipe)
+    # a micro-batch of 2 prompts puts 2 x 8 completions through the model
+    assert rows_per_micro_batch(recipe) == 16
+    assert apart.terms["activations"] > 4 * sft.terms["activations"]
+    assert not any(k.startswith("engine") for k in apart.terms)  # engines on GPUs of their own
+    beside = plan_recipe(gpu_recipe(model, 8, data={"max_seq_len": 4096, "format": "prompts"},
+                                    method={**grpo, "engine_gpus": 0.5}))
+    assert beside.terms["engine weights (bf16)"] == 2 * beside.shape.params
+    kv_per_token = 2 * 32 * 8 * 128 * 2  # K and V, layers x kv heads x head dim, bf16
+    assert beside.terms["engine KV cache"] == kv_per_token * 2 * 8 * 4096
 
 
 def test_a_70b_full_fine_tune_on_one_gpu_is_refused_with_changes_that_fit(tmp_path):

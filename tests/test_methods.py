@@ -112,9 +112,9 @@ def test_a_methods_own_fields_are_checked_with_the_recipe(smoothed):
 
 
 def test_an_unknown_method_names_the_known_ones():
-    with pytest.raises(ConfigError, match=r"method.objective: unknown training method 'grpo' "
-                                          r"\(known: sft, dpo\)"):
-        recipe_with("method.objective=grpo")
+    with pytest.raises(ConfigError, match=r"method.objective: unknown training method 'ppo' "
+                                          r"\(known: sft, dpo, grpo\)"):
+        recipe_with("method.objective=ppo")
 
 
 def test_a_method_takes_only_its_own_data_formats():

@@ -1,7 +1,9 @@
-"""The bundled chat dataset: short, exact questions and answers on transformer anatomy, and
-preference pairs over the model questions for DPO (a full sentence preferred to the bare fact).
+"""The bundled chat dataset: short, exact questions and answers on transformer anatomy,
+preference pairs over the model questions for DPO (a full sentence preferred to the bare fact),
+and the questions as prompts with their answers for GRPO's rewards.
 
-    python -m attune.corpus data/transformer_qa.jsonl data/transformer_qa_preferences.jsonl
+    python -m attune.corpus data/transformer_qa.jsonl data/transformer_qa_preferences.jsonl \
+        data/transformer_qa_prompts.jsonl
 
 Deterministic: the same code writes the same bytes, so the file in the repo can be checked
 against it. Answers are short and exact so that a test can tell what a model learned.
@@ -157,6 +159,12 @@ def preference_pairs() -> list[dict]:
             for question, short, sentence in _model_facts()]
 
 
+def prompts() -> list[dict]:
+    """Every question as a GRPO prompt, its answer (without the full stop) a field for rewards."""
+    return [{"prompt": e["messages"][0]["content"], "answer": e["messages"][1]["content"].rstrip(".")}
+            for e in examples()]
+
+
 def write(path: str | Path, lines: list[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,8 +173,10 @@ def write(path: str | Path, lines: list[dict]) -> Path:
 
 
 if __name__ == "__main__":
-    chats, pairs = (sys.argv[1:] + [None, None])[:2]
+    chats, pairs, questions = (sys.argv[1:] + [None, None, None])[:3]
     print(f"wrote {len(examples())} examples to "
           f"{write(chats or 'data/transformer_qa.jsonl', examples())}")
     print(f"wrote {len(preference_pairs())} preference pairs to "
           f"{write(pairs or 'data/transformer_qa_preferences.jsonl', preference_pairs())}")
+    print(f"wrote {len(prompts())} prompts to "
+          f"{write(questions or 'data/transformer_qa_prompts.jsonl', prompts())}")

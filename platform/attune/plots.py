@@ -1,4 +1,5 @@
-"""Loss curves as PNG files: a registry entry's, and each trial's of a search."""
+"""Training curves as PNG files: a registry entry's (its loss, or its reward for a method that
+learns from rewards), and each trial's of a search."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 def plot_losses(history: list[dict], out: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
-    evals = [h for h in history if "eval_loss" in h]
-    if evals:
-        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], label="eval loss")
-    ax.set(xlabel="step", ylabel="loss", title=title, yscale="log")
+    rewarded = any("reward" in h or "eval_reward" in h for h in history)
+    name = "reward" if rewarded else "loss"
+    for key, label in ((name, f"train {name}"), (f"eval_{name}", f"eval {name}")):
+        points = [h for h in history if key in h]
+        if points:
+            ax.plot([h["step"] for h in points], [h[key] for h in points], marker="." if rewarded
+                    else None, label=label)
+    ax.set(xlabel="step", ylabel=name, title=title, yscale="linear" if rewarded else "log")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out)

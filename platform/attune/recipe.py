@@ -41,11 +41,12 @@ class DataConfig(StrictConfig):
         default_factory=lambda: ["data/transformer_qa.jsonl"],
         description="JSONL files to train on (paths relative to the working directory).",
     )
-    format: Literal["messages", "prompt_completion", "alpaca", "text", "preference"] = Field(
+    format: Literal["messages", "prompt_completion", "alpaca", "text", "preference", "prompts"] = Field(
         "messages",
         description="Line format: OpenAI 'messages', 'prompt'/'completion', alpaca "
-        "('instruction'/'input'/'output'), plain 'text', or 'preference' pairs for DPO "
-        "('prompt' or 'messages', then 'chosen' and 'rejected' answers).",
+        "('instruction'/'input'/'output'), plain 'text', 'preference' pairs for DPO "
+        "('prompt' or 'messages', then 'chosen' and 'rejected' answers), or 'prompts' for GRPO "
+        "('prompt' or 'messages'; the line's other fields go to the reward functions).",
     )
     chat_template: str | None = Field(
         None, description="Jinja chat template overriding the tokenizer's own (None keeps it)."

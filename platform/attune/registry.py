@@ -6,7 +6,7 @@ An entry is a directory (local, or under an s3:// / gs:// URI through pyarrow) h
 - the tokenizer with its chat template, whose end of turn is the tokenizer's eos_token and, for
   full weights, in `generation_config.json`'s eos_token_id list (where vLLM stops),
 - `attune.json`: base model, method, LoRA settings, dataset hash, metrics, the recipe, timestamps,
-- `loss_curve.png`.
+- `loss_curve.png` (the reward curve for GRPO).
 """
 
 from __future__ import annotations
@@ -87,6 +87,9 @@ def _manifest(recipe: Recipe, base_path: str, history: list[dict], data_hash: st
               data_stats: dict, extra: dict) -> dict:
     evals = [h for h in history if "eval_loss" in h]
     best = min(evals, key=lambda h: h["eval_loss"]) if evals else None
+    rewarded = [h for h in history if "eval_reward" in h]
+    if rewarded:  # a method that learns from rewards (GRPO): the highest held-out reward
+        best = max(rewarded, key=lambda h: h["eval_reward"])
     m = recipe.method
     return {
         "name": recipe.entry_name,

@@ -54,7 +54,7 @@ def prepare_data(recipe: Recipe, checked: CheckedRecipe | None = None) -> Prepar
     tokens = sum(row["num_tokens"] for row in train_ds.map_batches(_block_tokens, batch_size=None).take_all())
     stats = {"train_examples": len(train_records), "eval_examples": len(eval_records),
              "train_rows": rows, "train_tokens": int(tokens),
-             "fill": tokens / (rows * d.max_seq_len * methods.get(recipe.method.objective).sequences_per_example)}
+             "fill": tokens / (rows * d.max_seq_len * methods.get(recipe.method.objective).sequences_per_example(recipe))}
     files = d.train_files + d.eval_files
     return PreparedData(train_ds, eval_ds, rows, eval_ds.count(), files_hash(files), stats)
 
@@ -76,9 +76,10 @@ class Tokenize:
         self.method = methods.get(objective)
 
     def __call__(self, batch: dict) -> dict:
-        records = [Record(s, json.loads(m) if m else None, t or None, c or None, r or None)
-                   for s, m, t, c, r in zip(batch["source"], batch["messages"], batch["text"],
-                                            batch["chosen"], batch["rejected"])]
+        records = [Record(s, json.loads(m) if m else None, t or None, c or None, r or None,
+                          json.loads(f) if f else None)
+                   for s, m, t, c, r, f in zip(batch["source"], batch["messages"], batch["text"],
+                                               batch["chosen"], batch["rejected"], batch["fields"])]
         rows = self.method.rows(records, self.tokenizer, self.max_seq_len, self.packing)
         return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
 
@@ -98,7 +99,8 @@ def tokenize_batch(batch: dict, **tokenize_args) -> dict:
 def as_items(records: list[Record]) -> list[dict]:
     """Records as flat rows for `ray.data.from_items` (Arrow wants one type per column)."""
     return [{"source": r.source, "messages": json.dumps(r.messages) if r.messages else "",
-             "text": r.text or "", "chosen": r.chosen or "", "rejected": r.rejected or ""}
+             "text": r.text or "", "chosen": r.chosen or "", "rejected": r.rejected or "",
+             "fields": json.dumps(r.fields) if r.fields is not None else ""}
             for r in records]
 
 
@@ -116,4 +118,5 @@ def batches(rows: list[dict], batch_size: int, seed: int):
     order = np.random.default_rng(seed).permutation(len(rows))
     for start in range(0, len(order), batch_size):
         chunk = [rows[i] for i in order[start:start + batch_size]]
-        yield {key: torch.as_tensor(np.stack([r[key] for r in chunk])) for key in chunk[0]}
+        stacked = {key: np.stack([r[key] for r in chunk]) for key in chunk[0]}
+        yield {k: torch.as_tensor(v) if v.dtype.kind in "biuf" else v for k, v in stacked.items()}

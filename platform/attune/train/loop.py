@@ -27,6 +27,7 @@ from attune.train.checkpoints import MODEL_DIR
 from attune.train.faults import maybe_inject_fault
 from attune.train.methods import FROZEN_COPY
 from attune.train.model import placed_model
+from attune.train.rollouts import Rollouts
 from attune.train.throughput import flops_per_token, peak_flops
 
 
@@ -40,6 +41,7 @@ class Loop:
     resume_from: str | None = None  # a checkpoint directory written by this loop
     stop_at: int | None = None  # end (evaluated and checkpointed) at this step, short of max_steps
     checkpoint_root: str | None = "/tmp/attune-checkpoints"  # None: no checkpoints (benchmarks)
+    rollouts: "Rollouts | None" = None  # the engines a method that samples (GRPO) samples from
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
@@ -54,6 +56,11 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
     reference = (placed_model(recipe, base_path, device, frozen=True)
                  if method.reference(recipe) == FROZEN_COPY else None)
     objective = method.objective(recipe, model, reference)
+    online = None
+    if method.engines(recipe) is not None:
+        if loop.rollouts is None:
+            raise ValueError(f"method {method.name} samples from rollout engines: give Loop(rollouts=...)")
+        online = method.online(recipe, loop.rollouts)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay,
                                   fused=device.type == "cuda" and not recipe.memory.cpu_offload)
@@ -70,6 +77,13 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
         _log(f"resumed from step {step} ({loop.resume_from})")
 
     batches = _endless(loop.train_batches, start_epoch=step // (loop.steps_per_epoch or max_steps))
+    if online is not None:
+        online.start(model, step)
+        batches = online.batches(batches)
+        if step == 0 and loop.eval_batches is not None:  # where the reward curve starts
+            first = {"step": 0, **online.evaluate(loop.eval_batches())}
+            history.append(first)
+            loop.report(first, None)
     peak = peak_flops(device)
     window_tokens, window_start, metrics = 0.0, time.perf_counter(), {}
     end = min(max_steps, loop.stop_at or max_steps)
@@ -98,12 +112,17 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        sampled = {}
+        if online is not None:
+            online.after_step(model, step)
+            sampled = online.take_metrics()  # the same names on every rank: averaged over them
 
         loss_total, tokens_total, *more = parallel.all_reduce_sum(
-            [loss_sum, window_tokens, *sums.values()], device)
+            [loss_sum, window_tokens, *sums.values(), *sampled.values()], device)
         metrics = {"step": step, "loss": loss_total / max(count, 1),
                    "lr": scheduler.get_last_lr()[0],
-                   **{k: v / max(count, 1) for k, v in zip(sums, more)}}
+                   **{k: v / max(count, 1) for k, v in zip(sums, more)},
+                   **{k: v / parallel.world_size() for k, v in zip(sampled, more[len(sums):])}}
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         at_eval = step % recipe.eval.every_steps == 0 or step == end
@@ -114,7 +133,10 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
             if peak:
                 metrics["mfu"] = metrics["tokens_per_s"] / parallel.world_size() * flops / peak
         if at_eval and loop.eval_batches is not None:
-            metrics["eval_loss"] = evaluate(objective, model, loop.eval_batches(), device)
+            if online is not None:
+                metrics.update(online.evaluate(loop.eval_batches()))
+            else:
+                metrics["eval_loss"] = evaluate(objective, model, loop.eval_batches(), device)
         if "tokens_per_s" in metrics:
             _log(_progress_line(metrics, max_steps))
         maybe_inject_fault(step)
@@ -192,8 +214,12 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 def _progress_line(m: dict, max_steps: int) -> str:
     parts = [f"step {m['step']}/{max_steps}", f"loss {m['loss']:.4f}"]
+    if "reward" in m:
+        parts.append(f"reward {m['reward']:.3f}")
     if "eval_loss" in m:
         parts.append(f"eval {m['eval_loss']:.4f}")
+    if "eval_reward" in m:
+        parts.append(f"eval reward {m['eval_reward']:.3f}")
     parts += [f"lr {m['lr']:.2e}", f"{m['tokens_per_s']:,.0f} tok/s"]
     if "mfu" in m:
         parts.append(f"MFU {m['mfu']:.1%}")

@@ -175,7 +175,7 @@ def plan(shape: Shape, recipe: Recipe, device_memory_gib: float | None = None,
 
 def rows_per_micro_batch(recipe: Recipe) -> int:
     """Sequences one micro-batch puts through the model (a DPO pair is two)."""
-    return recipe.optim.micro_batch_size * methods.get(recipe.method.objective).sequences_per_example
+    return recipe.optim.micro_batch_size * methods.get(recipe.method.objective).sequences_per_example(recipe)
 
 
 def packed_mask(recipe: Recipe) -> bool:

@@ -43,6 +43,20 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(value):
+    """Rank 0's `value` on every rank (anything picklable: Ray actor handles too)."""
+    if world_size() == 1:
+        return value
+    box = [value if rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shards(strategy: str) -> bool:
     """Whether `wrap` shards with FSDP2 (which then owns mixed precision and offloading)."""
     return is_distributed() and strategy == "fsdp"

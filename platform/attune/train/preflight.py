@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from attune import modeling
 from attune.config import ConfigError
 from attune.recipe import Recipe
-from attune.train import memory_plan
+from attune.train import memory_plan, methods
 from attune.train.records import Record, read_records, split_eval
 from attune.train.tokenizing import tokenize
 
@@ -39,6 +39,7 @@ def check_recipe(recipe: Recipe) -> CheckedRecipe:
     else:
         train_records, eval_records = split_eval(records, d.eval_fraction, recipe.optim.seed)
     _check_template(recipe, base_path, train_records[0])
+    methods.get(recipe.method.objective).check(recipe, train_records + eval_records)
     return CheckedRecipe(base_path, train_records, eval_records)
 
 

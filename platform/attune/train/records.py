@@ -1,8 +1,9 @@
-"""Training records: JSONL lines in five formats, read and checked on the driver (no torch).
+"""Training records: JSONL lines in six formats, read and checked on the driver (no torch).
 
     records = read_records(["data/transformer_qa.jsonl"], "messages")
 
-Every line becomes a chat (`messages`), a plain `text` record or a preference pair; a line that
+Every line becomes a chat (`messages`), a plain `text` record, a preference pair or a prompt
+with its other fields (for rewards); a line that
 is not valid is reported with its file and line number and nothing is dropped silently.
 """
 
@@ -30,6 +31,9 @@ class Record:
     # a preference pair (format 'preference'): `messages` is the conversation before the answers
     chosen: str | None = None
     rejected: str | None = None
+    # a prompt to sample from (format 'prompts'): `messages` is the chat to answer, `fields` the
+    # line's other fields, handed to the reward functions
+    fields: dict | None = None
 
 
 def read_records(files: list[str], fmt: str) -> list[Record]:
@@ -88,6 +92,17 @@ def _parse_line(line: str, fmt: str, source: str) -> Record:
             prompt = [{"role": "user", "content": field("prompt")}]
         return Record(source, messages=prompt, chosen=_answer(row, "chosen", source),
                       rejected=_answer(row, "rejected", source))
+    if fmt == "prompts":
+        if "messages" in row:
+            chat = _check_messages(row["messages"], source, need_answer=False)
+            others = {k: v for k, v in row.items() if k != "messages"}
+        else:
+            chat = [{"role": "user", "content": field("prompt")}]
+            others = {k: v for k, v in row.items() if k != "prompt"}
+        if chat[-1]["role"] == "assistant":
+            raise DataError(f"{source}: format 'prompts' needs a chat that ends with the turn to "
+                            "answer, not an assistant message")
+        return Record(source, messages=chat, fields=others)
     raise DataError(f"{source}: unknown format '{fmt}'")
 
 

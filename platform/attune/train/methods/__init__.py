@@ -1,4 +1,4 @@
-"""Training methods: what makes SFT and DPO what they are, one module each.
+"""Training methods: what makes SFT, DPO and GRPO what they are, one module each.
 
     method = methods.get(recipe.method.objective)
     method.formats                              # the data.format values it trains on
@@ -6,6 +6,8 @@
     method.reference(recipe)                    # None, FROZEN_COPY or ADAPTERS_OFF
     objective = method.objective(recipe, model, reference)            # what the loop minimises
     method.memory_terms(shape, recipe, sizes)   # its terms in the memory plan
+    method.engines(recipe)                      # rollout engines it samples from (GRPO), or None
+    online = method.online(recipe, rollouts)    # then: its step around the loop's
 
 The recipe, the data pipeline, the loop and the memory plan ask the method; none of them tests
 for a method's name. A method's own fields sit under `method:` beside `objective` and are
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from attune.train.methods.base import ADAPTERS_OFF, FROZEN_COPY, Method  # noqa: F401
 from attune.train.methods.dpo import DPO
+from attune.train.methods.grpo import GRPO
 from attune.train.methods.sft import SFT
 
 _REGISTRY: dict[str, Method] = {}
@@ -53,5 +56,5 @@ def owners(field: str) -> list[str]:
     return [m.name for m in _REGISTRY.values() if field in m.Options.model_fields]
 
 
-for _method in (SFT(), DPO()):  # the built-in methods
+for _method in (SFT(), DPO(), GRPO()):  # the built-in methods
     register(_method)

@@ -37,8 +37,10 @@ class DPO(Method):
     name = "dpo"
     formats = ("preference",)
     Options = DPOOptions
-    sequences_per_example = 2  # the chosen and the rejected conversation
     packs = False  # one padded row per side: the two are compared as wholes
+
+    def sequences_per_example(self, recipe):
+        return 2  # the chosen and the rejected conversation
 
     def rows(self, records, tokenizer, max_seq_len, packing):
         return [pair_row(tokenize_pair(r, tokenizer, max_seq_len)["sides"], max_seq_len,

@@ -2,6 +2,12 @@
 rewards a program checks (attune.train.rewards), normalised within each prompt's group of
 completions, a clipped policy ratio, a KL penalty to the reference policy.
 
+    method.objective: grpo       # data.format: prompts; method.rewards: [{function: ...}, ...]
+
+Each step, every rank takes its micro-batches of prompts, has the rollout engines sample
+`num_generations` completions of each (attune.train.rollouts), scores them with the recipe's
+rewards, and trains on them; then rank 0 pushes the new weights to the engines (`GRPOOnline`).
+
     advantages = group_advantages(rewards, group_size=8)
     objective = GRPOLoss(GRPOOptions(...), reference)
     loss_sum, sums = objective(model, batch)   # the loop divides by objective.count(batch)
@@ -15,13 +21,21 @@ the same batch (tests/test_grpo.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
-from attune.config import StrictConfig
+from attune.config import ConfigError, StrictConfig
+from attune.train import parallel
+from attune.train.methods.base import ADAPTERS_OFF, FROZEN_COPY, Method
+from attune.train.methods.dpo import adapters_off
+from attune.train.rewards import RewardConfig, RewardError, load_rewards, score
+from attune.train.rollouts import Adapter, EngineSpec, Rollouts
 from attune.train.tokenizing import IGNORE
 
 
@@ -47,6 +61,23 @@ class GRPOOptions(StrictConfig):
         3.0, gt=0, description="Truncated importance sampling: weigh each token by the trainer's "
         "over the engine's probability, capped here, for the two computing log-probs apart. "
         "None: no correction.")
+    rewards: list[RewardConfig] = Field(
+        default_factory=list, min_length=1, description="The reward functions, summed with their "
+        "weights: built-ins or your own module:function (attune.train.rewards).")
+    sync_every: int = Field(1, ge=1, description="Push the trained weights to the engines every "
+                            "this many steps (1: every step, fully on-policy).")
+    num_engines: int = Field(1, ge=1, description="vLLM rollout engines, each a Ray actor in its "
+                             "own placement-group bundle.")
+    engine_cpus: float = Field(1, gt=0, description="CPUs in each engine's bundle.")
+    engine_gpus: float = Field(0, ge=0, description="GPUs in each engine's bundle (0: on CPU). "
+                               "A fraction shares a GPU with a training worker.")
+    engine_memory_fraction: float = Field(
+        0.3, gt=0, le=0.95, description="Share of its GPU's memory an engine takes (vLLM's "
+        "gpu_memory_utilization): its weights and KV cache. Where engines share the training "
+        "workers' GPUs (engine_gpus < 1) the memory plan counts their weights and a step's KV cache.")
+    engine_placement: Literal["pack", "spread"] = Field(
+        "pack", description="The engines' placement group: pack (as few nodes as fit, beside "
+        "the trainers where they fit) or spread (one per node as far as they go).")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
@@ -108,3 +139,202 @@ class GRPOLoss:
         else:
             total = (values * mask).sum()
         return total if keep_graph else float(total)
+
+
+class GRPO(Method):
+    name = "grpo"
+    formats = ("prompts",)
+    Options = GRPOOptions
+    packs = False  # a prompt is one row, sampled from as a whole
+
+    def sequences_per_example(self, recipe):
+        return recipe.method.options.num_generations
+
+    def rows(self, records, tokenizer, max_seq_len, packing):
+        return [prompt_row(r, tokenizer, max_seq_len) for r in records]
+
+    def check(self, recipe, records):
+        """Every reward imports, and scores every line with an empty completion (which a model
+        may well sample) without raising: a missing field is found before the engines start."""
+        rewards = load_rewards(recipe.method.options.rewards)
+        for r in records:
+            try:
+                score(rewards, prompt_text(r.messages), "", r.fields or {}, r.source)
+            except RewardError as e:
+                raise ConfigError(f"{e} (tried with an empty completion before training)") from None
+
+    def reference(self, recipe):
+        if not recipe.method.options.beta:
+            return None
+        return FROZEN_COPY if recipe.method.type == "full" else ADAPTERS_OFF
+
+    def objective(self, recipe, model, reference):
+        if reference is None and self.reference(recipe) == ADAPTERS_OFF:
+            def reference(**inputs):
+                with adapters_off(model):
+                    return model(**inputs)
+        return GRPOLoss(recipe.method.options, reference)
+
+    def engines(self, recipe):
+        o = recipe.method.options
+        return EngineSpec(count=o.num_engines, cpus=o.engine_cpus, gpus=o.engine_gpus,
+                          memory_fraction=o.engine_memory_fraction,
+                          strategy=o.engine_placement.upper(), max_model_len=recipe.data.max_seq_len,
+                          seed=recipe.optim.seed)
+
+    def online(self, recipe, rollouts):
+        return GRPOOnline(recipe, rollouts)
+
+    def memory_terms(self, shape, recipe, sizes):
+        terms = super().memory_terms(shape, recipe, sizes)  # the reference copy, with beta
+        o = recipe.method.options
+        if recipe.scaling.gpus_per_worker and 0 < o.engine_gpus < 1:  # an engine beside a worker
+            per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2  # K and V, bf16
+            sequences = recipe.optim.micro_batch_size * o.num_generations
+            terms["engine weights (bf16)"] = shape.params * 2
+            terms["engine KV cache"] = (
+                per_token * sequences * recipe.data.max_seq_len)
+        return terms
+
+
+def prompt_row(record, tokenizer, max_seq_len: int) -> dict:
+    """A prompt's tokens (padded to max_seq_len), its text for the rewards, the line's other fields."""
+    ids = tokenizer.apply_chat_template(record.messages, tokenize=True, add_generation_prompt=True,
+                                        return_dict=False)
+    if len(ids) >= max_seq_len:
+        raise ValueError(f"{record.source}: the prompt's {len(ids)} tokens leave no room for a "
+                         f"completion within data.max_seq_len {max_seq_len}")
+    return {"prompt_ids": np.array(ids + [0] * (max_seq_len - len(ids)), dtype=np.int64),
+            "prompt_len": np.int64(len(ids)), "num_tokens": np.int64(len(ids)),
+            "prompt_text": np.str_(prompt_text(record.messages)),
+            "fields": np.str_(json.dumps(record.fields or {})), "source": np.str_(record.source)}
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """What a reward gets as the prompt: the chat's last user turn."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+class GRPOOnline:
+    """GRPO's step, around the loop's: prompts -> rollouts -> rewards -> advantages -> training
+    rows; after the update, the new weights to the engines (rank 0, every `sync_every` steps)."""
+
+    def __init__(self, recipe, rollouts: Rollouts):
+        self.o, self.recipe, self.rollouts = recipe.method.options, recipe, rollouts
+        self.rewards = load_rewards(self.o.rewards)
+        self.max_len = recipe.data.max_seq_len
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.step_start = time.perf_counter()
+
+    def start(self, model, step: int) -> None:
+        if step > 0:  # resumed: the engines have the base model's weights (or older ones)
+            self._sync(model, step)
+        self.step_start = time.perf_counter()
+
+    def batches(self, data_batches: Iterator[dict]) -> Iterator[dict]:
+        for prompts in data_batches:
+            yield self._experience(prompts, self.o.temperature)
+
+    def after_step(self, model, step: int) -> None:
+        # An engine whose process died came back (Ray restarts it) with the base weights.
+        stale = self.rollouts.stale() if parallel.rank() == 0 else []
+        if step % self.o.sync_every == 0:
+            self._sync(model, step)  # every engine, the restarted ones too
+        elif stale:
+            self.rollouts.resync(stale)
+        # every rank reports them, and none samples before every engine has this step's weights
+        (restarts,) = parallel.all_reduce_sum([self.rollouts.restarts], next(model.parameters()).device)
+        self._add("engine_restarts", restarts, per_step=True)
+        seconds = self.rollouts.take_seconds()
+        total = time.perf_counter() - self.step_start
+        self.step_start = time.perf_counter()
+        self._add("time/rollout_s", seconds["rollout"], per_step=True)
+        self._add("time/sync_s", seconds["sync"], per_step=True)
+        self._add("time/update_s", total - seconds["rollout"] - seconds["sync"], per_step=True)
+
+    def take_metrics(self) -> dict[str, float]:
+        metrics = {k: v / max(self.counts[k], 1) for k, v in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        return metrics
+
+    def evaluate(self, batches: Iterable[dict]) -> dict[str, float]:
+        totals, names, count = 0.0, {}, 0
+        for prompts in batches:
+            groups, scores = self._sample(prompts, self.o.temperature)
+            for per_reward in (s for group in scores for s in group):
+                totals += sum(r.weight * v for r, v in zip(self.rewards, per_reward))
+                for r, v in zip(self.rewards, per_reward):
+                    names[r.name] = names.get(r.name, 0.0) + v
+                count += 1
+        return {"eval_reward": totals / max(count, 1),
+                **{f"eval_reward/{k}": v / max(count, 1) for k, v in names.items()}}
+
+    def _sync(self, model, step: int) -> None:
+        weights = engine_weights(model, self.recipe)  # every rank: gathered under FSDP
+        if parallel.rank() == 0:
+            self.rollouts.sync(weights, version=step)
+        self.rollouts.version = step
+
+    def _sample(self, prompts: dict, temperature: float):
+        lengths = prompts["prompt_len"].tolist()
+        ids = [row[:n].tolist() for row, n in zip(prompts["prompt_ids"], lengths)]
+        most = min(self.o.max_completion_tokens, self.max_len - max(lengths))
+        groups = self.rollouts.generate(ids, n=self.o.num_generations, temperature=temperature,
+                                        max_tokens=most)
+        scores = [[score(self.rewards, str(text), c.text, json.loads(str(fields)), str(source))
+                   for c in group]
+                  for group, text, fields, source in zip(groups, prompts["prompt_text"],
+                                                         prompts["fields"], prompts["source"])]
+        return groups, scores
+
+    def _experience(self, prompts: dict, temperature: float) -> dict:
+        start = time.perf_counter()
+        groups, scores = self._sample(prompts, temperature)
+        weights = torch.tensor([r.weight for r in self.rewards])
+        per_reward = torch.tensor([s for group in scores for s in group])  # [completions, rewards]
+        rewards = per_reward @ weights
+        advantages = group_advantages(rewards, self.o.num_generations, self.o.scale_rewards)
+        completions = [c for group in groups for c in group]
+        tokens = sum(len(c.token_ids) for c in completions)
+        self._add("reward", float(rewards.mean()))
+        self._add("reward_std", float(rewards.view(-1, self.o.num_generations).std(1).mean()))
+        for reward, values in zip(self.rewards, per_reward.T):
+            self._add(f"reward/{reward.name}", float(values.mean()))
+        self._add("completion_tokens", tokens / len(completions))
+        self._add("completions_finished", sum(c.finished for c in completions) / len(completions))
+        self._add("rollout_tokens_per_s", tokens / max(time.perf_counter() - start, 1e-9))
+        lengths = prompts["prompt_len"].tolist()
+        prompt_ids = [row[:n].tolist() for row, n in zip(prompts["prompt_ids"], lengths)
+                      for _ in range(self.o.num_generations)]
+        return completion_batch(prompt_ids, completions, advantages)
+
+    def _add(self, name: str, value: float, per_step: bool = False) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + value
+        self.counts[name] = 1 if per_step else self.counts.get(name, 0) + 1
+
+
+def completion_batch(prompt_ids: list[list[int]], completions: list, advantages: torch.Tensor) -> dict:
+    """One row per completion, right-padded to the longest: labels on the completion only, the
+    engine's log-probabilities aligned with labels[:, 1:]."""
+    length = max(len(p) + len(c.token_ids) for p, c in zip(prompt_ids, completions))
+    ids = torch.zeros(len(completions), length, dtype=torch.long)
+    labels = torch.full((len(completions), length), IGNORE, dtype=torch.long)
+    sampling = torch.zeros(len(completions), length - 1)
+    for i, (prompt, c) in enumerate(zip(prompt_ids, completions)):
+        p, n = len(prompt), len(c.token_ids)
+        ids[i, :p + n] = torch.tensor(prompt + c.token_ids)
+        labels[i, p:p + n] = torch.tensor(c.token_ids)
+        sampling[i, p - 1:p - 1 + n] = torch.tensor(c.logprobs)
+    return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(length).expand_as(ids),
+            "advantages": advantages.float(), "sampling_logps": sampling,
+            "num_tokens": torch.tensor([len(p) + len(c.token_ids) for p, c in zip(prompt_ids, completions)])}
+
+
+def engine_weights(model, recipe) -> "dict | Adapter":
+    """What the engines need from the model: the full weights, or LoRA's adapter alone."""
+    weights = parallel.trainable_state_dict(model)
+    if recipe.method.type != "lora":
+        return weights
+    return Adapter({k.replace(".default.", "."): v for k, v in weights.items()},
+                   scale=recipe.method.alpha / recipe.method.rank)
