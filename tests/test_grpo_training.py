@@ -123,3 +123,19 @@ def _poll(check, what: str, limit_s: float = 600):
             return found
         time.sleep(0.5)
     raise AssertionError(f"no {what} within {limit_s:.0f} s")
+
+
+def test_attune_tune_searches_grpo_on_the_held_out_reward(tiny_full_entry):
+    from attune.tune.config import load_search
+    from attune.tune.search import run_search
+
+    search, recipe_raw = load_search("tuning/tiny-grpo-asha.yaml", [
+        "name=grpo-search", f"model.name_or_path={tiny_full_entry}", "optim.max_steps=6",
+        "eval.every_steps=3", "checkpoint.every_steps=6", "scheduler.type=fifo",
+        'space={"optim.lr": "grid([1e-3, 1e-6])"}', "num_samples=1"])
+    result = run_search(search, recipe_raw)
+    assert len(result.rows) == 2 and not any(r.error for r in result.rows)
+    best = max(result.rows, key=lambda r: r.final)
+    manifest = json.loads((Path(result.entry) / "attune.json").read_text())
+    assert manifest["tune"]["params"] == best.params  # highest eval_reward (mode: max) won
+    assert manifest["final_metrics"]["eval_reward"] == pytest.approx(best.final)

@@ -44,6 +44,7 @@ def test_every_search_config_loads_and_validates_against_its_recipe(path):
      "optim.warmup_steps (99) must be below optim.max_steps (60)"),
     (['space={"optim.lr": "between(1, 2)"}'], "unknown range 'between'"),
     (["metric=accuracy"], "the trainer does not report 'accuracy'"),
+    (["metric=eval_reward"], "eval_reward is reported by methods that learn from rewards (grpo), not sft"),
     (["eval.every_steps=7"], "checkpoint.every_steps (60) must be a multiple of eval.every_steps (7)"),
     (["scheduler.type=pbt", 'space={"optim.micro_batch_size": "choice([1, 2])"}'],
      "space.optim.micro_batch_size: PBT changes values in the middle of a trial"),
@@ -55,6 +56,11 @@ def test_bad_search_fails_naming_the_problem(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_search(SEARCH, overrides)
     assert message in str(e.value)
+
+
+def test_a_grpo_search_is_judged_by_its_reward_not_a_loss():
+    with pytest.raises(ConfigError, match="metric: grpo reports eval_reward, not eval_loss"):
+        load_search(REPO / "tuning" / "tiny-grpo-asha.yaml", ["metric=eval_loss"])
 
 
 @pytest.mark.slow

@@ -27,7 +27,11 @@ ERRORS = ("ERROR", "CRITICAL", "Traceback", "Error")
 NOISE = ("Attempted to load weight ", "Triton is installed, but doesn't include CPU backend",
          "Triton is not installed. triton-cpu is expected", "Model Runner V2 requires Triton",
          "Reset SSM cache type to float32", "is not found in LD_PRELOAD",
-         "Inductor compilation was disabled by user settings")
+         "Inductor compilation was disabled by user settings",
+         # and those of GRPO's in-process rollout engines: the seed, eager mode, thread binding,
+         # the rotary cache's buffers a weight reload skips
+         "The global random seed is set to", "Enforce eager set, disabling torch.compile",
+         "doesn't allow to use `torch.set_num_threads`", "RotaryEmbedding: Failed to load weights")
 # Loggers of this process that speak at INFO on every request or step (openai's client logs
 # through httpx2).
 CHATTY = ("ray", "ray.serve", "httpx", "httpx2", "vllm", "gradio", "uvicorn.access", "mlflow")

@@ -84,6 +84,7 @@ def train_loop(recipe: Recipe, base_path: str, loop: Loop) -> dict:
             first = {"step": 0, **online.evaluate(loop.eval_batches())}
             history.append(first)
             loop.report(first, None)
+            _log(f"step 0/{max_steps} | eval reward {first['eval_reward']:.3f} (before training)")
     peak = peak_flops(device)
     window_tokens, window_start, metrics = 0.0, time.perf_counter(), {}
     end = min(max_steps, loop.stop_at or max_steps)

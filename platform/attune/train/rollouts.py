@@ -25,6 +25,8 @@ from pathlib import Path
 
 import ray
 from safetensors import safe_open
+
+from attune import modeling
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -73,8 +75,6 @@ class RolloutEngine:
                  gpu_memory_utilization: float | None = None):
         # Here, in the actor: the trainer's processes never load vLLM.
         from vllm import LLM
-
-        from attune import modeling
 
         self.model_path = modeling.resolve_on_node(model_path)  # this node's copy
         self.llm = LLM(model=self.model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,

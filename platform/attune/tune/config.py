@@ -19,10 +19,13 @@ from pydantic import Field, model_validator
 
 from attune.config import ConfigError, StrictConfig, apply_override, read_mapping, validate
 from attune.recipe import Recipe, load_recipe
+from attune.train import methods
 from attune.tune.space import Dimension, check_dimension, parse_dimension, set_path
 
-# What attune.train.loop.train_loop reports at every eval step (mfu only on known GPUs).
-REPORTED_METRICS = ("eval_loss", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+# What attune.train.loop.train_loop reports at every eval step (mfu only on known GPUs; the
+# rewards only for a method that samples, GRPO, which reports them instead of eval_loss).
+REPORTED_METRICS = ("eval_loss", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "eval_reward")
+REWARD_METRICS = ("eval_reward",)
 
 
 # What a Population Based Training perturbation may change in a running trial: values the loop
@@ -131,8 +134,15 @@ def check_reports(search: SearchConfig, recipe: Recipe) -> None:
     if search.metric == "mfu" and recipe.scaling.gpus_per_worker == 0:
         raise ConfigError("metric: mfu is only reported on GPUs (scaling.gpus_per_worker is 0)")
     evals, checkpoints = recipe.eval.every_steps, recipe.checkpoint.every_steps
-    if search.metric == "eval_loss" and checkpoints % evals:
-        raise ConfigError(f"metric: eval_loss is missing from the reports at checkpoint steps: "
+    samples = methods.get(recipe.method.objective).engines(recipe) is not None
+    if samples and search.metric == "eval_loss":
+        raise ConfigError(f"metric: {recipe.method.objective} reports eval_reward, not eval_loss "
+                          "(with mode: max)")
+    if not samples and search.metric in REWARD_METRICS:
+        raise ConfigError(f"metric: {search.metric} is reported by methods that learn from "
+                          f"rewards (grpo), not {recipe.method.objective}")
+    if search.metric.startswith("eval_") and checkpoints % evals:
+        raise ConfigError(f"metric: {search.metric} is missing from the reports at checkpoint steps: "
                           f"checkpoint.every_steps ({checkpoints}) must be a multiple of "
                           f"eval.every_steps ({evals})")
     if search.metric == "grad_norm" and recipe.optim.max_grad_norm is None:

@@ -45,6 +45,7 @@ from attune.store import say_if_maybe_node_local
 from attune.tracking import link_entry, reference, tracking_uri
 from attune.train.datasets import prepare_data
 from attune.train.preflight import check_recipe
+from attune.train import methods
 from attune.train.trainer import check_workers_fit, storage_uri, write_result
 from attune.tune.config import SearchConfig, pbt_interval, trial_recipe
 from attune.tune.results import TrialRow, best_row, format_table, trial_rows, write_results
@@ -180,8 +181,10 @@ def _new_tuner(search: SearchConfig, recipe: Recipe, trainable, concurrency: int
 def trial_slots(search: SearchConfig, recipe: Recipe) -> int:
     """Trials the cluster can run at once given the recipe's scaling, checked against the budget."""
     sc = recipe.scaling
-    need = {"CPU": TRIAL_DRIVER["CPU"] + sc.num_workers * sc.cpus_per_worker,
-            "GPU": sc.num_workers * sc.gpus_per_worker}
+    engines = methods.get(recipe.method.objective).engines(recipe)  # GRPO's, started by each trial
+    need = {"CPU": TRIAL_DRIVER["CPU"] + sc.num_workers * sc.cpus_per_worker
+            + (engines.count * engines.cpus if engines else 0),
+            "GPU": sc.num_workers * sc.gpus_per_worker + (engines.count * engines.gpus if engines else 0)}
     have = ray.cluster_resources()
     fits = min(int(have.get(res, 0) // amount) for res, amount in need.items() if amount > 0)
     if fits == 0:
