@@ -160,3 +160,33 @@ def test_a_reward_that_fails_is_one_line_naming_it_and_the_example(tmp_path, mon
     with pytest.raises(ConfigError, match=r"method.rewards\[0\].function: 'exactmatch' is neither "
                                           r"a built-in reward"):
         load_rewards([RewardConfig(function="exactmatch")])
+
+
+def test_the_rollout_engine_answers_every_call_of_vllms_weight_sync_client():
+    """`weight_sync: nccl` drives the engines with vLLM's own RayVLLMWeightSyncClient, which calls
+    these methods on each actor handle; a vLLM that renames one fails here, not on a GPU cluster."""
+    import inspect
+
+    from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
+
+    from attune.train.rollouts import RolloutEngine
+
+    called = {name for name, _ in inspect.getmembers(RayVLLMWeightSyncClient, inspect.isfunction)
+              if not name.startswith("_")}
+    assert {"init_weight_transfer_engine", "start_weight_update", "update_weights",
+            "finish_weight_update"} <= called
+    assert all(callable(getattr(RolloutEngine, name, None)) for name in called), called
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method.weight_sync=nccl"], "method.weight_sync: nccl sends weights GPU to GPU"),
+    (["method.weight_sync=nccl", "method.type=lora", "method.engine_gpus=1",
+      "scaling.gpus_per_worker=1"], "LoRA sends its adapter through the object store"),
+])
+def test_nccl_weight_sync_is_refused_where_it_cannot_run(tiny_base, overrides, message):
+    from attune.recipe import load_recipe
+    from attune.train.preflight import check_recipe
+
+    recipe = load_recipe("recipes/tiny-grpo.yaml", [f"model.name_or_path={tiny_base}", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        check_recipe(recipe)

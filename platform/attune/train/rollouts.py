@@ -27,6 +27,7 @@ import ray
 from safetensors import safe_open
 
 from attune import modeling
+from attune.cluster import free_port
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -51,6 +52,7 @@ class EngineSpec:
     gpus: float = 0
     strategy: str = "PACK"  # the placement group's: PACK (as few nodes as fit) or SPREAD
     memory_fraction: float = 0.3  # of its GPU, for vLLM's weights and KV cache
+    weight_sync: str = "object_store"  # or "nccl": vLLM's weight transfer API, on GPUs
     max_model_len: int = 512
     seed: int = 0
 
@@ -72,7 +74,7 @@ class RolloutEngine:
     """One vLLM engine (run as a Ray actor: `rollout_engine`, `start_engines`)."""
 
     def __init__(self, model_path: str, max_model_len: int, dtype: str = "float32", seed: int = 0,
-                 gpu_memory_utilization: float | None = None):
+                 gpu_memory_utilization: float | None = None, weight_transfer: str | None = None):
         # Here, in the actor: the trainer's processes never load vLLM.
         from vllm import LLM
 
@@ -80,7 +82,9 @@ class RolloutEngine:
         self.llm = LLM(model=self.model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                        enforce_eager=True, generation_config="auto", disable_log_stats=True,
                        **({"gpu_memory_utilization": gpu_memory_utilization}
-                          if gpu_memory_utilization else {}))
+                          if gpu_memory_utilization else {}),
+                       **({"weight_transfer_config": {"backend": weight_transfer}}
+                          if weight_transfer else {}))
         self.weights_version = 0  # the training step its weights are from: 0, the base model
         self._base: dict = {}  # LoRA: the adapted modules' base weights, read once
 
@@ -120,6 +124,27 @@ class RolloutEngine:
         if version is not None:
             self.weights_version = version
 
+    # vLLM's weight transfer API (`weight_sync: nccl`), as its RayVLLMWeightSyncClient calls it:
+    # the trainer's rank 0 broadcasts each tensor over NCCL straight into the engine's workers.
+    def init_weight_transfer_engine(self, request) -> None:
+        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": request.init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.collective_rpc("start_weight_update")
+
+    def update_weights(self, request) -> None:
+        self.llm.collective_rpc("update_weights", kwargs={"update_info": request.update_info})
+
+    def finish_weight_update(self) -> None:
+        self.llm.collective_rpc("finish_weight_update")
+        self.llm.reset_prefix_cache()
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.llm.collective_rpc("shutdown_weight_transfer_engine")
+
+    def set_version(self, version: int) -> None:
+        self.weights_version = version
+
     def _merged(self, adapter: Adapter) -> dict:
         """base + scale * B @ A for each adapted module, in Hugging Face names."""
         modules = {name.split(".lora_")[0] for name in adapter.weights}
@@ -140,6 +165,21 @@ def _sampling_params(**settings):
 def _reload_weights(worker, weights: list) -> None:
     """In each of the engine's workers (collective_rpc passes the worker first)."""
     worker.model_runner.reload_weights(weights_iterator=iter(weights))
+
+
+def nccl_transfer(engines: list, model, rank: int):
+    """vLLM's trainer-side NCCL weight transfer to the engines' workers (one each), over the
+    Hugging Face model's own parameter names; rank 0 sends."""
+    # Here: only a run with weight_sync nccl (on GPUs) loads vLLM in its training workers.
+    from vllm.distributed.weight_transfer.base import ModuleSource
+    from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
+    from vllm.distributed.weight_transfer.nccl_engine import (NCCLTrainerInitInfo,
+                                                              NCCLTrainerWeightTransferEngine)
+
+    info = NCCLTrainerInitInfo(master_address=ray.util.get_node_ip_address(),
+                               master_port=free_port(), world_size=1 + len(engines), rank=rank)
+    return NCCLTrainerWeightTransferEngine.trainer_init(
+        info, client=RayVLLMWeightSyncClient(engines), source=ModuleSource(model))
 
 
 def _hf_name(peft_module: str) -> str:
@@ -184,7 +224,8 @@ def start_engines(spec: EngineSpec, model_ref: str, dtype: str, name: str) -> En
         max_task_retries=-1, runtime_env={"env_vars": ENGINE_ENV},
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
     ).remote(model_ref, spec.max_model_len, dtype=dtype, seed=spec.seed + i,
-             gpu_memory_utilization=spec.memory_fraction if spec.gpus else None)
+             gpu_memory_utilization=spec.memory_fraction if spec.gpus else None,
+             weight_transfer="nccl" if spec.weight_sync == "nccl" else None)
         for i in range(spec.count)]
     ray.get([e.version.remote() for e in engines])  # each engine's model loaded
     return Engines(engines, group)
@@ -208,6 +249,8 @@ class Rollouts:
         self.mine = engines[rank::world_size] or [engines[rank % len(engines)]]
         self.version = 0  # the version every engine should have
         self.last = None  # the last weights synced, in the object store
+        self.rank = rank
+        self.transfer = None  # vLLM's NCCL weight transfer, opened at the first sync over it
         self.pids: list[int] = []  # each engine's process when last asked
         self.restarts = 0  # engines restarted (their process died) so far
         self.seconds = {"rollout": 0.0, "sync": 0.0}
@@ -239,6 +282,18 @@ class Rollouts:
         start = time.perf_counter()
         self.last = ray.put(weights)
         ray.get([e.load_weights.remote(self.last, version) for e in self.engines])
+        self.version = version
+        self.seconds["sync"] += time.perf_counter() - start
+
+    def sync_nccl(self, model, version: int) -> None:
+        """On every rank: the model's weights over NCCL into every engine (vLLM's weight transfer
+        API; rank 0 sends, the others join the gather of sharded weights)."""
+        start = time.perf_counter()
+        if self.transfer is None:
+            self.transfer = nccl_transfer(self.engines, model, self.rank)
+        self.transfer.send_weights()
+        if self.rank == 0:
+            ray.get([e.set_version.remote(version) for e in self.engines])
         self.version = version
         self.seconds["sync"] += time.perf_counter() - start
 

@@ -66,6 +66,10 @@ class GRPOOptions(StrictConfig):
         "weights: built-ins or your own module:function (attune.train.rewards).")
     sync_every: int = Field(1, ge=1, description="Push the trained weights to the engines every "
                             "this many steps (1: every step, fully on-policy).")
+    weight_sync: Literal["object_store", "nccl"] = Field(
+        "object_store", description="How weights reach the engines: through Ray's object store "
+        "into vLLM's in-place reload (anywhere; LoRA sends only the adapter), or over NCCL with "
+        "vLLM's weight transfer API (full fine-tunes on GPUs; no copy through host memory).")
     num_engines: int = Field(1, ge=1, description="vLLM rollout engines, each a Ray actor in its "
                              "own placement-group bundle.")
     engine_cpus: float = Field(1, gt=0, description="CPUs in each engine's bundle.")
@@ -156,7 +160,15 @@ class GRPO(Method):
     def check(self, recipe, records):
         """Every reward imports, and scores every line with an empty completion (which a model
         may well sample) without raising: a missing field is found before the engines start."""
-        rewards = load_rewards(recipe.method.options.rewards)
+        o = recipe.method.options
+        if o.weight_sync == "nccl" and not (o.engine_gpus >= 1 and recipe.scaling.gpus_per_worker):
+            raise ConfigError("method.weight_sync: nccl sends weights GPU to GPU: give the engines "
+                              "GPUs of their own (method.engine_gpus: 1) and the workers GPUs "
+                              "(scaling.gpus_per_worker), or use object_store")
+        if o.weight_sync == "nccl" and recipe.method.type == "lora":
+            raise ConfigError("method.weight_sync: nccl sends full weights; LoRA sends its adapter "
+                              "through the object store (weight_sync: object_store)")
+        rewards = load_rewards(o.rewards)
         for r in records:
             try:
                 score(rewards, prompt_text(r.messages), "", r.fields or {}, r.source)
@@ -178,7 +190,7 @@ class GRPO(Method):
     def engines(self, recipe):
         o = recipe.method.options
         return EngineSpec(count=o.num_engines, cpus=o.engine_cpus, gpus=o.engine_gpus,
-                          memory_fraction=o.engine_memory_fraction,
+                          memory_fraction=o.engine_memory_fraction, weight_sync=o.weight_sync,
                           strategy=o.engine_placement.upper(), max_model_len=recipe.data.max_seq_len,
                           seed=recipe.optim.seed)
 
@@ -239,6 +251,11 @@ class GRPOOnline:
     def after_step(self, model, step: int) -> None:
         # An engine whose process died came back (Ray restarts it) with the base weights.
         stale = self.rollouts.stale() if parallel.rank() == 0 else []
+        if stale and self.o.weight_sync == "nccl":
+            # Its NCCL group went with its process: a restart of the workers (Ray Train's
+            # FailureConfig) resumes from the last checkpoint with new engines and a new group.
+            raise RuntimeError(f"rollout engine(s) {stale} restarted; under weight_sync nccl the "
+                               "run restarts its workers from the last checkpoint")
         if step % self.o.sync_every == 0:
             self._sync(model, step)  # every engine, the restarted ones too
         elif stale:
@@ -271,6 +288,9 @@ class GRPOOnline:
                 **{f"eval_reward/{k}": v / max(count, 1) for k, v in names.items()}}
 
     def _sync(self, model, step: int) -> None:
+        if self.o.weight_sync == "nccl":
+            self.rollouts.sync_nccl(parallel.unwrap(model), version=step)
+            return
         weights = engine_weights(model, self.recipe)  # every rank: gathered under FSDP
         if parallel.rank() == 0:
             self.rollouts.sync(weights, version=step)
