@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import ray
 
-from attune.config import ConfigError
+from attune.config import ConfigError, validate
 from attune.recipe import load_recipe
+from attune.serve.config import ServeConfig
+from attune.serve.llm_config import llm_configs
 from attune.train.rewards import RewardError
 from attune.train.trainer import fine_tune
 
@@ -50,9 +52,15 @@ def test_grpo_raises_the_held_out_reward(tiny_full_entry, artifacts):
         assert h["rollout_tokens_per_s"] > 0 and 1 <= h["completion_tokens"] <= 16
         assert {"reward", "reward_std", "reward/contains_answer", "clip_fraction"} <= h.keys()
     assert manifest["best_metrics"]["eval_reward"] == max(h["eval_reward"] for h in history)
-    curve = Path(tiny_full_entry).parent / "grpo-learns" / "loss_curve.png"  # the reward curve
+    entry = Path(tiny_full_entry).parent / "grpo-learns"
+    curve = entry / "loss_curve.png"  # the reward curve
     assert curve.read_bytes().startswith(b"\x89PNG")
     (artifacts / "grpo_reward_curve.png").write_bytes(curve.read_bytes())
+    # a full model like tiny-full's: served as its own vLLM deployment, chatted with like any entry
+    config = validate(ServeConfig, {"entries": [str(entry)], "base_models": [
+        {"id": "tiny-llama", "name_or_path": "attune:tiny-llama"}]}, "args")
+    assert [c.model_loading_config.model_id for c in llm_configs(config)] == ["tiny-llama",
+                                                                             "grpo-learns"]
 
 
 def test_lora_grpo_pushes_the_adapter_and_the_engine_samples_with_it(tiny_full_entry):
