@@ -63,11 +63,13 @@ def test_grpo_raises_the_held_out_reward(tiny_full_entry, artifacts):
                                                                              "grpo-learns"]
 
 
-def test_lora_grpo_pushes_the_adapter_and_the_engine_samples_with_it(tiny_full_entry):
+def test_lora_grpo_on_two_workers_pushes_the_adapter_to_two_engines(tiny_full_entry):
     manifest = run(tiny_full_entry, "grpo-lora", "method.type=lora", "optim.max_steps=6",
-                   "optim.lr=2e-3", "eval.every_steps=3", "checkpoint.every_steps=6")
+                   "optim.lr=2e-3", "eval.every_steps=3", "checkpoint.every_steps=6",
+                   "scaling.num_workers=2", "method.num_engines=2")
     trained = [h for h in manifest["history"] if h["step"] > 0]
-    # The engine added the adapter to its base weights: it samples what the trainer scores.
+    # Each engine added the adapter to its base weights: it samples what the trainer scores,
+    # for both ranks' prompts.
     assert all(h["logp_gap"] < SYNCED_GAP for h in trained)
     assert manifest["lora"]["rank"] == 16
 

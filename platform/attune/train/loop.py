@@ -4,8 +4,10 @@
 
 Ray Train calls it in every worker (attune.train.trainer wires it up); a benchmark or a debugger calls
 it directly in one process. What it needs from outside comes in through `Loop`: the batches, a
-`report` hook for metrics and checkpoints, and the checkpoint to resume from. What it minimises
-comes from the recipe's method (attune.train.methods); the model from attune.train.model.
+`report` hook for metrics and checkpoints, the checkpoint to resume from, and for a method that
+samples (GRPO) the rollout engines. What it minimises comes from the recipe's method
+(attune.train.methods), which for GRPO also turns each step's prompts into its training batches
+and syncs the engines after the step; the model from attune.train.model.
 """
 
 from __future__ import annotations

@@ -240,12 +240,16 @@ class GRPOOnline:
         self.step_start = time.perf_counter()
 
     def start(self, model, step: int) -> None:
+        self.device = next(model.parameters()).device  # for the ranks' sums
         if step > 0:  # resumed: the engines have the base model's weights (or older ones)
             self._sync(model, step)
         self.step_start = time.perf_counter()
 
     def batches(self, data_batches: Iterator[dict]) -> Iterator[dict]:
-        for prompts in data_batches:
+        accumulate = self.recipe.optim.grad_accum_steps
+        for i, prompts in enumerate(data_batches):
+            if i % accumulate == 0:  # a step's first micro-batch: its time starts here, not at
+                self.step_start = time.perf_counter()  # the last one's end (eval, checkpoints)
             yield self._experience(prompts, self.o.temperature)
 
     def after_step(self, model, step: int) -> None:
@@ -261,11 +265,10 @@ class GRPOOnline:
         elif stale:
             self.rollouts.resync(stale)
         # every rank reports them, and none samples before every engine has this step's weights
-        (restarts,) = parallel.all_reduce_sum([self.rollouts.restarts], next(model.parameters()).device)
+        (restarts,) = parallel.all_reduce_sum([self.rollouts.restarts], self.device)
         self._add("engine_restarts", restarts, per_step=True)
         seconds = self.rollouts.take_seconds()
         total = time.perf_counter() - self.step_start
-        self.step_start = time.perf_counter()
         self._add("time/rollout_s", seconds["rollout"], per_step=True)
         self._add("time/sync_s", seconds["sync"], per_step=True)
         self._add("time/update_s", total - seconds["rollout"] - seconds["sync"], per_step=True)
@@ -276,22 +279,30 @@ class GRPOOnline:
         return metrics
 
     def evaluate(self, batches: Iterable[dict]) -> dict[str, float]:
-        totals, names, count = 0.0, {}, 0
-        for prompts in batches:
-            groups, scores = self._sample(prompts, self.o.temperature)
+        """The mean reward of samples of the held-out prompts; every rank gets the same rows, so
+        each samples its share of them and the sums are added up."""
+        rank, world = parallel.rank(), parallel.world_size()
+        sums = [0.0] * (len(self.rewards) + 2)  # weighted total, each reward, completions
+        for i, prompts in enumerate(batches):
+            if i % world != rank:
+                continue
+            _, scores = self._sample(prompts, self.o.temperature)
             for per_reward in (s for group in scores for s in group):
-                totals += sum(r.weight * v for r, v in zip(self.rewards, per_reward))
-                for r, v in zip(self.rewards, per_reward):
-                    names[r.name] = names.get(r.name, 0.0) + v
-                count += 1
-        return {"eval_reward": totals / max(count, 1),
-                **{f"eval_reward/{k}": v / max(count, 1) for k, v in names.items()}}
+                sums[0] += sum(r.weight * v for r, v in zip(self.rewards, per_reward))
+                for j, v in enumerate(per_reward):
+                    sums[1 + j] += v
+                sums[-1] += 1
+        total, *each, count = parallel.all_reduce_sum(sums, self.device)
+        return {"eval_reward": total / max(count, 1),
+                **{f"eval_reward/{r.name}": v / max(count, 1) for r, v in zip(self.rewards, each)}}
 
     def _sync(self, model, step: int) -> None:
         if self.o.weight_sync == "nccl":
             self.rollouts.sync_nccl(parallel.unwrap(model), version=step)
             return
+        start = time.perf_counter()
         weights = engine_weights(model, self.recipe)  # every rank: gathered under FSDP
+        self.rollouts.seconds["sync"] += time.perf_counter() - start  # copying out is syncing too
         if parallel.rank() == 0:
             self.rollouts.sync(weights, version=step)
         self.rollouts.version = step
