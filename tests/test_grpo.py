@@ -176,14 +176,19 @@ def test_the_rollout_engine_answers_every_call_of_vllms_weight_sync_client():
     assert {"init_weight_transfer_engine", "start_weight_update", "update_weights",
             "finish_weight_update"} <= called
     assert all(callable(getattr(RolloutEngine, name, None)) for name in called), called
+    # and vLLM's sleep mode, for engines beside the workers on their GPUs
+    from vllm import LLM
+
+    assert {"sleep", "wake_up"} <= set(dir(LLM)) and {"sleep", "wake_up"} <= set(dir(RolloutEngine))
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["method.weight_sync=nccl"], "method.weight_sync: nccl sends weights GPU to GPU"),
     (["method.weight_sync=nccl", "method.type=lora", "method.engine_gpus=1",
       "scaling.gpus_per_worker=1"], "LoRA sends its adapter through the object store"),
+    (["method.engine_sleep=true"], "vLLM's sleep mode frees GPU memory; the engines run on CPU"),
 ])
-def test_nccl_weight_sync_is_refused_where_it_cannot_run(tiny_base, overrides, message):
+def test_gpu_only_engine_settings_are_refused_where_they_cannot_run(tiny_base, overrides, message):
     from attune.recipe import load_recipe
     from attune.train.preflight import check_recipe
 

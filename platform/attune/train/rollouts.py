@@ -53,6 +53,7 @@ class EngineSpec:
     strategy: str = "PACK"  # the placement group's: PACK (as few nodes as fit) or SPREAD
     memory_fraction: float = 0.3  # of its GPU, for vLLM's weights and KV cache
     weight_sync: str = "object_store"  # or "nccl": vLLM's weight transfer API, on GPUs
+    sleep: bool = False  # vLLM's sleep mode: the GPU given back to training between rollouts
     max_model_len: int = 512
     seed: int = 0
 
@@ -74,7 +75,8 @@ class RolloutEngine:
     """One vLLM engine (run as a Ray actor: `rollout_engine`, `start_engines`)."""
 
     def __init__(self, model_path: str, max_model_len: int, dtype: str = "float32", seed: int = 0,
-                 gpu_memory_utilization: float | None = None, weight_transfer: str | None = None):
+                 gpu_memory_utilization: float | None = None, weight_transfer: str | None = None,
+                 sleep_mode: bool = False):
         # Here, in the actor: the trainer's processes never load vLLM.
         from vllm import LLM
 
@@ -84,7 +86,8 @@ class RolloutEngine:
                        **({"gpu_memory_utilization": gpu_memory_utilization}
                           if gpu_memory_utilization else {}),
                        **({"weight_transfer_config": {"backend": weight_transfer}}
-                          if weight_transfer else {}))
+                          if weight_transfer else {}),
+                       **({"enable_sleep_mode": True} if sleep_mode else {}))
         self.weights_version = 0  # the training step its weights are from: 0, the base model
         self._base: dict = {}  # LoRA: the adapted modules' base weights, read once
 
@@ -141,6 +144,14 @@ class RolloutEngine:
 
     def shutdown_weight_transfer_engine(self) -> None:
         self.llm.collective_rpc("shutdown_weight_transfer_engine")
+
+    # vLLM's sleep mode (GPUs), for engines that share the training workers' GPUs: level 1 drops
+    # the KV cache and moves the weights to host memory until woken.
+    def sleep(self) -> None:
+        self.llm.sleep(level=1)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.llm.wake_up(tags)
 
     def set_version(self, version: int) -> None:
         self.weights_version = version
@@ -225,7 +236,7 @@ def start_engines(spec: EngineSpec, model_ref: str, dtype: str, name: str) -> En
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
     ).remote(model_ref, spec.max_model_len, dtype=dtype, seed=spec.seed + i,
              gpu_memory_utilization=spec.memory_fraction if spec.gpus else None,
-             weight_transfer="nccl" if spec.weight_sync == "nccl" else None)
+             weight_transfer="nccl" if spec.weight_sync == "nccl" else None, sleep_mode=spec.sleep)
         for i in range(spec.count)]
     ray.get([e.version.remote() for e in engines])  # each engine's model loaded
     return Engines(engines, group)
@@ -296,6 +307,14 @@ class Rollouts:
             ray.get([e.set_version.remote(version) for e in self.engines])
         self.version = version
         self.seconds["sync"] += time.perf_counter() - start
+
+    def sleep(self) -> None:
+        """Every engine gives its GPU memory back to training (rank 0, once every rank sampled)."""
+        ray.get([e.sleep.remote() for e in self.engines])
+
+    def wake(self, tags: list[str] | None = None) -> None:
+        """Every engine takes its memory back: `["weights"]` first for a sync, then the rest."""
+        ray.get([e.wake_up.remote(tags) for e in self.engines])
 
     def resync(self, engines: list[int]) -> None:
         """Push the last synced weights again to these engines (restarted ones)."""

@@ -74,11 +74,16 @@ class GRPOOptions(StrictConfig):
                              "own placement-group bundle.")
     engine_cpus: float = Field(1, gt=0, description="CPUs in each engine's bundle.")
     engine_gpus: float = Field(0, ge=0, description="GPUs in each engine's bundle (0: on CPU). "
-                               "A fraction shares a GPU with a training worker.")
+                               "A fraction shares a GPU with a training worker that takes a "
+                               "fraction too (scaling.gpus_per_worker: 0.5).")
     engine_memory_fraction: float = Field(
         0.3, gt=0, le=0.95, description="Share of its GPU's memory an engine takes (vLLM's "
         "gpu_memory_utilization): its weights and KV cache. Where engines share the training "
         "workers' GPUs (engine_gpus < 1) the memory plan counts their weights and a step's KV cache.")
+    engine_sleep: bool = Field(
+        False, description="Engines that share the workers' GPUs (engine_gpus < 1) give them back "
+        "for each update: vLLM's sleep mode drops the KV cache and moves the weights to host "
+        "memory after the rollouts, and wakes them for the weight sync (GPUs only).")
     engine_placement: Literal["pack", "spread"] = Field(
         "pack", description="The engines' placement group: pack (as few nodes as fit, beside "
         "the trainers where they fit) or spread (one per node as far as they go).")
@@ -165,6 +170,9 @@ class GRPO(Method):
             raise ConfigError("method.weight_sync: nccl sends weights GPU to GPU: give the engines "
                               "GPUs of their own (method.engine_gpus: 1) and the workers GPUs "
                               "(scaling.gpus_per_worker), or use object_store")
+        if o.engine_sleep and not o.engine_gpus:
+            raise ConfigError("method.engine_sleep: vLLM's sleep mode frees GPU memory; the "
+                              "engines run on CPU (method.engine_gpus: 0)")
         if o.weight_sync == "nccl" and recipe.method.type == "lora":
             raise ConfigError("method.weight_sync: nccl sends full weights; LoRA sends its adapter "
                               "through the object store (weight_sync: object_store)")
@@ -191,6 +199,7 @@ class GRPO(Method):
         o = recipe.method.options
         return EngineSpec(count=o.num_engines, cpus=o.engine_cpus, gpus=o.engine_gpus,
                           memory_fraction=o.engine_memory_fraction, weight_sync=o.weight_sync,
+                          sleep=o.engine_sleep,
                           strategy=o.engine_placement.upper(), max_model_len=recipe.data.max_seq_len,
                           seed=recipe.optim.seed)
 
@@ -200,7 +209,8 @@ class GRPO(Method):
     def memory_terms(self, shape, recipe, sizes):
         terms = super().memory_terms(shape, recipe, sizes)  # the reference copy, with beta
         o = recipe.method.options
-        if recipe.scaling.gpus_per_worker and 0 < o.engine_gpus < 1:  # an engine beside a worker
+        beside = recipe.scaling.gpus_per_worker and 0 < o.engine_gpus < 1
+        if beside and not o.engine_sleep:  # an engine awake beside a worker through its update
             per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2  # K and V, bf16
             sequences = recipe.optim.micro_batch_size * o.num_generations
             terms["engine weights (bf16)"] = shape.params * 2
@@ -250,9 +260,16 @@ class GRPOOnline:
         for i, prompts in enumerate(data_batches):
             if i % accumulate == 0:  # a step's first micro-batch: its time starts here, not at
                 self.step_start = time.perf_counter()  # the last one's end (eval, checkpoints)
-            yield self._experience(prompts, self.o.temperature)
+            batch = self._experience(prompts, self.o.temperature)
+            if self.o.engine_sleep and i % accumulate == accumulate - 1:
+                parallel.barrier()  # every rank sampled this step's completions
+                if parallel.rank() == 0:
+                    self.rollouts.sleep()
+            yield batch
 
     def after_step(self, model, step: int) -> None:
+        if self.o.engine_sleep and parallel.rank() == 0:
+            self.rollouts.wake(["weights"])  # the weights on the GPU again, for the sync
         # An engine whose process died came back (Ray restarts it) with the base weights.
         stale = self.rollouts.stale() if parallel.rank() == 0 else []
         if stale and self.o.weight_sync == "nccl":
@@ -264,6 +281,8 @@ class GRPOOnline:
             self._sync(model, step)  # every engine, the restarted ones too
         elif stale:
             self.rollouts.resync(stale)
+        if self.o.engine_sleep and parallel.rank() == 0:
+            self.rollouts.wake(["kv_cache"])  # and room to sample the next step's completions
         # every rank reports them, and none samples before every engine has this step's weights
         (restarts,) = parallel.all_reduce_sum([self.rollouts.restarts], self.device)
         self._add("engine_restarts", restarts, per_step=True)
