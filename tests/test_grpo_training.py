@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from mlflow import MlflowClient
 
 from attune.config import ConfigError, validate
 from attune.recipe import load_recipe
@@ -52,6 +53,12 @@ def test_grpo_raises_the_held_out_reward(tiny_full_entry, artifacts):
         assert h["rollout_tokens_per_s"] > 0 and 1 <= h["completion_tokens"] <= 16
         assert {"reward", "reward_std", "reward/contains_answer", "clip_fraction"} <= h.keys()
     assert manifest["best_metrics"]["eval_reward"] == max(h["eval_reward"] for h in history)
+    # MLflow has every report at its step, the reward before training (step 0) included
+    client = MlflowClient(manifest["mlflow"]["tracking_uri"])
+    for metric in ("eval_reward", "reward/matches_format", "time/sync_s", "clip_fraction"):
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(
+            manifest["mlflow"]["run_id"], metric))
+        assert logged == [(h["step"], pytest.approx(h[metric])) for h in history if metric in h]
     entry = Path(tiny_full_entry).parent / "grpo-learns"
     curve = entry / "loss_curve.png"  # the reward curve
     assert curve.read_bytes().startswith(b"\x89PNG")
@@ -114,6 +121,20 @@ def test_a_reward_that_fails_stops_the_run_in_one_line(tiny_full_entry, tmp_path
     assert "\n" not in message and "my_rewards:needs_topic" in message
     # found on the driver, before any engine started: the first line checked names itself
     assert re.search(r"data/transformer_qa_prompts\.jsonl:\d+: raised KeyError: 'topic'", message)
+
+
+def test_a_reward_that_fails_on_a_sample_stops_the_run_in_one_line(tiny_full_entry):
+    """A tolerance that is not a number passes the check with an empty completion (no number to
+    compare), then fails on the first sampled number, in a worker."""
+    with pytest.raises(RewardError) as failure:
+        run(tiny_full_entry, "grpo-reward-fails-late", "checkpoint.max_failures=0",
+            "method.rewards=[{function: numeric_match, args: {field: answer, tolerance: x}}]")
+    message = str(failure.value)
+    assert "\n" not in message and message.startswith("reward numeric_match on ")
+    # which sample meets it first is chance: a number next to a numeric answer (the tolerance) or
+    # next to a word one ('Encoder-only' is no number either)
+    assert re.search(r"transformer_qa_prompts\.jsonl:\d+: raised (TypeError: '<=' not supported|"
+                     r"ValueError: could not convert string to float)", message)
 
 
 def _engine_synced_past(run_name: str, step: int):

@@ -216,7 +216,12 @@ def _reward_errors_in_one_line():
     try:
         yield
     except ray.train.WorkerGroupError as e:
-        failure = re.search(r"RewardError: (.+)", str(e))
+        for error in e.worker_failures.values():
+            while error is not None:  # Ray wraps a worker's exception; its cause is the original
+                if isinstance(error, RewardError):
+                    raise RewardError(str(error)) from None
+                error = error.__cause__
+        failure = re.search(r"RewardError: (.+)", str(e))  # where only the text survived
         if failure:
             raise RewardError(failure.group(1)) from None
         raise
