@@ -175,3 +175,70 @@ def test_jobs_have_deadlines(docs):
     for job in of_kind(docs, "RayJob"):
         spec = job["spec"]
         assert 0 < spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"]
+
+
+# ---- the opt-in components ---------------------------------------------------------------------
+
+def test_high_availability_component(tmp_path, validators):
+    """GCS state on Redis (password from a Secret, never in the manifest), and a disruption budget
+    that drains serving GPU pods one at a time and selects exactly those pods."""
+    docs = with_components(tmp_path, "high-availability")
+    (service,) = of_kind(docs, "RayService")
+    assert schema_errors(service, validators) == [] and operator_errors(service) == []
+    cluster = service["spec"]["rayClusterConfig"]
+    ft = cluster["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"] and set(ft["redisPassword"]) == {"valueFrom"}
+    assert ft["redisPassword"]["valueFrom"]["secretKeyRef"]["name"] == "attune-redis"
+    (pdb,) = of_kind(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    selector = pdb["spec"]["selector"]["matchLabels"]
+    kuberay = {"ray.io/node-type": "worker"}  # KubeRay's own pod label
+    (group,) = cluster["workerGroupSpecs"]
+    assert selector.items() <= ({**group["template"]["metadata"]["labels"], **kuberay}).items()
+    for job in of_kind(docs, "RayJob"):  # training pods are not held by the serving budget
+        for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+            labels = {**group["template"].get("metadata", {}).get("labels", {}), **kuberay}
+            assert not selector.items() <= labels.items()
+    models = served_models(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    assert min(m["min_replicas"] for m in models) > pdb["spec"]["maxUnavailable"]
+
+
+def test_gang_scheduling_component(tmp_path, validators):
+    """Every Ray cluster goes to Volcano through KubeRay's labels, and every pod has a priority
+    that exists: serving above training, training never preempting."""
+    docs = with_components(tmp_path, "gang-scheduling")
+    classes = {d["metadata"]["name"]: d for d in of_kind(docs, "PriorityClass")}
+    for doc, cluster in clusters(docs):
+        assert schema_errors(doc, validators) == [] and operator_errors(doc) == []
+        labels = doc["metadata"]["labels"]
+        assert labels["ray.io/scheduler-name"] == "volcano"
+        wanted = "attune-serving" if doc["kind"] == "RayService" else "attune-training"
+        assert labels["ray.io/priority-class-name"] == wanted
+        for _, pod in pod_specs(cluster):
+            assert pod["priorityClassName"] == wanted
+    assert classes["attune-serving"]["value"] > classes["attune-training"]["value"]
+    assert classes["attune-training"]["preemptionPolicy"] == "Never"
+
+
+def test_tls_and_network_policy_component(tmp_path):
+    """The serve Service behind an Ingress with TLS for its host; Ray's ports open to Ray pods,
+    and only Serve's and the dashboard's to anyone else."""
+    docs = with_components(tmp_path, "tls-network")
+    (service,) = of_kind(docs, "RayService")
+    assert service["spec"].get("serveService", {}).get("spec", {}).get("type") != "LoadBalancer"
+    (ingress,) = of_kind(docs, "Ingress")
+    hosts = {h for tls in ingress["spec"]["tls"] for h in tls["hosts"]}
+    for rule in ingress["spec"]["rules"]:
+        assert rule["host"] in hosts
+        for path in rule["http"]["paths"]:
+            backend = path["backend"]["service"]
+            assert backend == {"name": f"{service['metadata']['name']}-serve-svc",
+                               "port": {"number": 8000}}
+    (policy,) = of_kind(docs, "NetworkPolicy")
+    ray = {"ray.io/is-ray-node": "yes"}
+    assert policy["spec"]["podSelector"]["matchLabels"] == ray
+    for rule in policy["spec"]["ingress"]:
+        if "ports" not in rule:  # all ports: only from Ray pods
+            assert rule["from"] == [{"podSelector": {"matchLabels": ray}}]
+        else:
+            assert {p["port"] for p in rule["ports"]} <= {8000, 8265}
