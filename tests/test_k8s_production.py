@@ -49,29 +49,34 @@ def served_models(config: dict) -> list[dict]:
     return out
 
 
-def test_gpu_worker_group_holds_what_serving_asks_for(gpu_docs, validators):
-    """minReplicas: the pods that hold every model's min_replicas, so the service is Ready on the
-    pods it starts with; maxReplicas: those that hold every max_replicas, none idle beyond it."""
-    (service,) = of_kind(gpu_docs, "RayService")
-    assert schema_errors(service, validators) == [] and operator_errors(service) == []
+def worker_group_sizes(service: dict) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(minReplicas, replicas, maxReplicas) of the serving GPU group, and what they should be:
+    the pods that hold every model's min_replicas (so the service is Ready on the pods it starts
+    with) and those that hold every max_replicas (none idle beyond it)."""
     models = served_models(yaml.safe_load(service["spec"]["serveConfigV2"]))
-    assert len(models) == 2 and all(m["min_replicas"] >= 2 for m in models)  # two per model
     (group,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     per_pod = int(group["rayStartParams"]["num-gpus"])
     low = math.ceil(sum(m["min_replicas"] for m in models) / per_pod)
     high = math.ceil(sum(m["max_replicas"] for m in models) / per_pod)
-    assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (low, low, high)
+    return (group["minReplicas"], group["replicas"], group["maxReplicas"]), (low, low, high)
 
 
-def test_the_sizing_check_sees_a_third_model(gpu_docs):
-    (service,) = copy.deepcopy(of_kind(gpu_docs, "RayService"))
+def test_gpu_worker_group_holds_what_serving_asks_for(gpu_docs, validators):
+    (service,) = of_kind(gpu_docs, "RayService")
+    assert schema_errors(service, validators) == [] and operator_errors(service) == []
+    models = served_models(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    assert len(models) == 2 and all(m["min_replicas"] >= 2 for m in models)  # two per model
+    have, want = worker_group_sizes(service)
+    assert have == want
+
+
+def test_the_sizing_check_sees_a_third_model():
+    (service,) = of_kind(k8s.render(REPO, "gpu", check=True), "RayService")
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     config["applications"][0]["args"]["entries"].append("s3://x/registry/other")
-    models = served_models(config)
-    (group,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    per_pod = int(group["rayStartParams"]["num-gpus"])
-    if per_pod == 1:
-        assert sum(m["min_replicas"] for m in models) > group["minReplicas"]
+    service["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+    have, want = worker_group_sizes(service)
+    assert want[0] > have[0] and want[2] > have[2]
 
 
 def test_gpu_pods_fit_their_node_type(gpu_docs):
