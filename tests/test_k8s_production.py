@@ -146,8 +146,16 @@ def every_pod(docs: list[dict]):
             yield pod, pod["containers"]
 
 
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                      "persistentVolumeClaim", "projected", "secret"}
+
+
 def test_every_container_meets_the_restricted_profile(docs):
     errors = [e for pod, cs in every_pod(docs) for c in cs for e in restricted_violations(pod, c)]
+    errors += [f"volume {v['name']}: {set(v) - {'name'}}" for pod, _ in every_pod(docs)
+               for v in pod.get("volumes", []) if not set(v) - {"name"} <= RESTRICTED_VOLUMES]
+    errors += ["host namespaces" for pod, _ in every_pod(docs)
+               if pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC")]
     assert errors == []
     assert sum(len(cs) for _, cs in every_pod(docs)) >= 8
 
