@@ -46,12 +46,18 @@ test-fast: $(STAMP)
 # The cpu image, built here with podman from a local Debian base (docs/image.md); test-image
 # runs the smoke tests inside it, which build it first (a cache hit when nothing changed).
 # Not part of `make test`: a cold build takes many minutes.
-.PHONY: image test-image
-image:
+.PHONY: image test-image image-tools
+image: image-tools
 	python3 tests/podman_image.py build
 
-test-image: $(STAMP)
+test-image: image-tools $(STAMP)
 	$(PY) -m pytest --image tests/test_image.py $(PYTEST_ARGS)
+
+# One line saying what to install, instead of a traceback from deep in the build.
+image-tools:
+	@for tool in podman debootstrap; do command -v $$tool >/dev/null || { \
+	  echo "make: $$tool not found; install the image tools: apt-get install podman debootstrap (docs/image.md)"; \
+	  exit 1; }; done
 
 # A head with no CPUs and two worker nodes with private disks, on this machine (root: it
 # uses mount namespaces); prints how to use it, Ctrl-C stops it (tests/multinode.py).

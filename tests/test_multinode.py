@@ -255,7 +255,12 @@ def assert_chat_page(port: int) -> None:
 
 def test_gpu_overlay_serves_its_entry_from_the_bucket(multinode, stores, gpu_entry, tmp_path):
     port = free_port()
-    deploy(multinode, serve_config("gpu", port, stores["gpu"], multinode.shared), tmp_path)
+    config = serve_config("gpu", port, stores["gpu"], multinode.shared)
+    # the overlay keeps two replicas per model for GPU nodes' drains; one each fits 2 cores
+    for app in config["applications"]:
+        if "autoscaling" in app["args"]:
+            app["args"]["autoscaling"]["min_replicas"] = 1
+    deploy(multinode, config, tmp_path)
     try:
         question, _ = qa_pairs()[0]
         assert ask(port, "tiny-full", question)
