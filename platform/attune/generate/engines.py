@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ray
 from ray.data.llm import HttpRequestProcessorConfig, build_processor, vLLMEngineProcessorConfig
 
 from attune.generate.config import GenerateConfig
@@ -71,8 +72,9 @@ def vllm_processor(config: GenerateConfig, model: Model):
                              "completion_tokens": int(row["num_generated_tokens"])}
 
     processor = build_processor(processor_config, preprocess=preprocess, postprocess=postprocess)
+    prompts = ray.data.ActorPoolStrategy(size=1)
     return lambda ds: processor(ds.map_batches(_Prompts, fn_constructor_args=(model.tokenizer,),
-                                               concurrency=1, batch_size=config.batch_size))
+                                               compute=prompts, batch_size=config.batch_size))
 
 
 def endpoint_processor(config: GenerateConfig, model_id: str):
