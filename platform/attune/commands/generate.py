@@ -40,7 +40,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from attune.config import ConfigError
+    from attune.config import ConfigError, validate
     from attune.generate import GenerateConfig, generate
 
     endpoint = None
@@ -48,12 +48,12 @@ def run(args) -> int:
         endpoint = args.engine[1]
     elif args.engine != ["vllm"]:
         raise ConfigError(f"--engine {' '.join(args.engine)}: expected 'vllm' or 'endpoint URL'")
-    config = GenerateConfig(
+    config = validate(GenerateConfig, dict(
         entry=args.entry, data=args.data, out=args.out, temperature=args.temperature,
         max_tokens=args.max_tokens, seed=args.seed, samples=args.samples,
         skip_bad_lines=args.skip_bad_lines, endpoint=endpoint, api_key=args.api_key,
         model=args.model, engines=args.engines, pairs=args.pairs,
-        rewards=[{"function": name} for name in args.reward])
+        rewards=[{"function": name} for name in args.reward]), "attune generate")
     summary = generate(config)
     print(f"[attune] {args.out}: {summary.line()}", flush=True)
     return 0
