@@ -64,16 +64,20 @@ def test_a_bad_line_is_named_with_its_file_and_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_greedy_answers_equal_the_endpoints(served_endpoint, tiny_full_entry, tmp_path):
+@pytest.mark.parametrize("entry", ["tiny_full_entry", "tiny_lora_entry"])
+def test_greedy_answers_equal_the_endpoints(served_endpoint, entry, request, tmp_path):
+    """One engine each: the full fine-tune's weights; the base model with the adapter on it."""
     data = questions(tmp_path, 8)
     out = tmp_path / "answers.jsonl"
-    summary = generate(GenerateConfig(entry=tiny_full_entry, data=str(data), out=str(out),
-                                      max_tokens=MAX_TOKENS))
+    summary = generate(GenerateConfig(entry=request.getfixturevalue(entry), data=str(data),
+                                      out=str(out), max_tokens=MAX_TOKENS))
     assert (summary.answered, summary.resumed) == (8, 0)
     written = sorted(lines(out), key=lambda row: int(row["id"]))
     for row, source in zip(written, lines(data)):  # the input line's fields, kept
         assert row["messages"] == source["messages"]
-    expected = endpoint_answers(served_endpoint, served_endpoint.finetuned_model_id, data)
+    model = {"tiny_full_entry": served_endpoint.finetuned_model_id,
+             "tiny_lora_entry": served_endpoint.lora_model_id}[entry]
+    expected = endpoint_answers(served_endpoint, model, data)
     assert [{k: row[k] for k in expected[0]} for row in written] == expected
     assert summary.completion_tokens == sum(a["completion_tokens"] for a in expected)
 
@@ -122,3 +126,15 @@ def test_rewards_turn_samples_into_preference_pairs(served_endpoint, tmp_path):
         answers = by_id[pair["id"]]
         assert pair["chosen"] == min(answers, key=len) or len(pair["chosen"]) == min(map(len, answers))
         assert len(pair["rejected"]) == max(map(len, answers))
+
+
+def test_bad_settings_are_one_line_errors(capsys):
+    args = ["generate", "some-entry", "--data", str(QUESTIONS), "--out", "unused.jsonl"]
+    assert main([*args, "--samples", "0"]) == 2
+    assert capsys.readouterr().err == "attune: attune generate: samples: Input should be greater " \
+                                      "than or equal to 1 (got 0)\n"
+    assert main([*args, "--samples", "1", "--reward", "contains_answer", "--pairs", "p.jsonl"]) == 2
+    assert capsys.readouterr().err == "attune: --reward needs --samples 2 or more: a pair is two " \
+                                      "answers\n"
+    assert main([*args, "--engine", "endpoint"]) == 2
+    assert "expected 'vllm' or 'endpoint URL'" in capsys.readouterr().err
