@@ -28,6 +28,7 @@ COMMANDS = {
     "models": "models",
     "runs": "runs",
     "eval": "eval",
+    "generate": "generate",
     "promote": "promote",
     "k8s": "k8s",
     "chat": "chat",
