@@ -1,42 +1,29 @@
-"""Group Relative Policy Optimization (Shao et al. 2024) and the variants' loss aggregations:
-rewards a program checks (attune.train.rewards), normalised within each prompt's group of
-completions, a clipped policy ratio, a KL penalty to the reference policy.
+"""Group Relative Policy Optimization as a training method: rewards a program checks
+(attune.train.rewards) on completions vLLM engines sample (attune.train.rollouts).
 
     method.objective: grpo       # data.format: prompts; method.rewards: [{function: ...}, ...]
 
 Each step, every rank takes its micro-batches of prompts, has the rollout engines sample
-`num_generations` completions of each (attune.train.rollouts), scores them with the recipe's
-rewards, and trains on them; then rank 0 pushes the new weights to the engines (`GRPOOnline`).
-
-    advantages = group_advantages(rewards, group_size=8)
-    objective = GRPOLoss(GRPOOptions(...), reference)
-    loss_sum, sums = objective(model, batch)   # the loop divides by objective.count(batch)
-
-A batch holds one row per completion: prompt and completion tokens, labels on the completion
-only, the completion's `advantages`, and per token (aligned with labels[:, 1:]) the
-`sampling_logps` the engine reported while sampling and, where the rows are trained on more than
-once, the policy's `old_logps` at rollout. The loss equals TRL's `GRPOTrainer._compute_loss` on
-the same batch (tests/test_grpo.py).
+`num_generations` completions of each, scores them with the recipe's rewards, and trains on them
+(`grpo_online.GRPOOnline`); then rank 0 pushes the new weights to the engines. The loss is
+`grpo_loss.GRPOLoss`, equal to TRL's.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from attune.config import ConfigError, StrictConfig
-from attune.train import parallel
 from attune.train.methods.base import ADAPTERS_OFF, FROZEN_COPY, Method
 from attune.train.methods.dpo import adapters_off
+from attune.train.methods.grpo_loss import GRPOLoss, group_advantages  # noqa: F401
+from attune.train.methods.grpo_online import GRPOOnline
 from attune.train.rewards import RewardConfig, RewardError, load_rewards, score
-from attune.train.rollouts import Adapter, EngineSpec, Rollouts
-from attune.train.tokenizing import IGNORE
+from attune.train.rollouts import EngineSpec
 
 
 class GRPOOptions(StrictConfig):
@@ -87,67 +74,6 @@ class GRPOOptions(StrictConfig):
     engine_placement: Literal["pack", "spread"] = Field(
         "pack", description="The engines' placement group: pack (as few nodes as fit, beside "
         "the trainers where they fit) or spread (one per node as far as they go).")
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
-    """Each completion's reward minus its group's mean, over the group's (or batch's) standard
-    deviation (Bessel-corrected, + 1e-4 as TRL adds); rewards are grouped prompt by prompt."""
-    grouped = rewards.view(-1, group_size)
-    advantages = (grouped - grouped.mean(1, keepdim=True)).flatten()
-    if scale == "group":
-        advantages = advantages / (grouped.std(1).repeat_interleave(group_size) + 1e-4)
-    elif scale == "batch":
-        advantages = advantages / (rewards.std() + 1e-4)
-    return advantages
-
-
-class GRPOLoss:
-    """The clipped policy-gradient loss with a KL penalty; `reference` gives the reference
-    model's per-token losses (a frozen copy, or the adapters off), needed only with beta > 0."""
-
-    def __init__(self, options: GRPOOptions, reference: Callable[..., torch.Tensor] | None = None):
-        self.o, self.reference = options, reference
-
-    def count(self, batch: dict) -> int:
-        completion = batch["labels"][:, 1:] != IGNORE
-        if self.o.loss_aggregation == "token":
-            return int(completion.sum())
-        rows = int(completion.any(1).sum())
-        return rows * (self.o.max_completion_tokens if self.o.loss_aggregation == "dr_grpo" else 1)
-
-    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        o = self.o
-        inputs = {k: batch[k] for k in ("input_ids", "position_ids", "labels")}
-        mask = (batch["labels"][:, 1:] != IGNORE).float()
-        logps = -model(**inputs, per_token=True)
-        old = batch["old_logps"] if "old_logps" in batch else logps.detach()
-        ratio = torch.exp(logps - old)
-        clipped = torch.clamp(ratio, 1 - o.epsilon, 1 + (o.epsilon_high or o.epsilon))
-        advantages = batch["advantages"].unsqueeze(1)
-        per_token = -torch.min(ratio * advantages, clipped * advantages)
-        sums = {}
-        if o.importance_sampling_cap is not None and "sampling_logps" in batch:
-            weight = torch.clamp(torch.exp(old - batch["sampling_logps"]), max=o.importance_sampling_cap)
-            per_token = per_token * weight
-            sums["logp_gap"] = self._aggregate((old - batch["sampling_logps"]).abs(), mask)
-        if o.beta:
-            with torch.no_grad():
-                reference = -self.reference(**inputs, per_token=True)
-            kl = torch.exp(reference - logps) - (reference - logps) - 1
-            per_token = per_token + o.beta * kl
-            sums["kl"] = self._aggregate(kl.detach(), mask)
-        was_clipped = ((ratio < 1 - o.epsilon) & (advantages < 0)) | (
-            (ratio > 1 + (o.epsilon_high or o.epsilon)) & (advantages > 0))
-        sums["clip_fraction"] = self._aggregate(was_clipped.float(), mask)
-        return self._aggregate(per_token, mask, keep_graph=True), sums
-
-    def _aggregate(self, values: torch.Tensor, mask: torch.Tensor, keep_graph: bool = False):
-        """The sum over this batch's units (completions or tokens) that count() counts."""
-        if self.o.loss_aggregation == "sequence":
-            total = ((values * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
-        else:
-            total = (values * mask).sum()
-        return total if keep_graph else float(total)
 
 
 class GRPO(Method):
@@ -235,156 +161,3 @@ def prompt_row(record, tokenizer, max_seq_len: int) -> dict:
 def prompt_text(messages: list[dict]) -> str:
     """What a reward gets as the prompt: the chat's last user turn."""
     return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-
-
-class GRPOOnline:
-    """GRPO's step, around the loop's: prompts -> rollouts -> rewards -> advantages -> training
-    rows; after the update, the new weights to the engines (rank 0, every `sync_every` steps)."""
-
-    def __init__(self, recipe, rollouts: Rollouts):
-        self.o, self.recipe, self.rollouts = recipe.method.options, recipe, rollouts
-        self.rewards = load_rewards(self.o.rewards)
-        self.max_len = recipe.data.max_seq_len
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self.step_start = time.perf_counter()
-
-    def start(self, model, step: int) -> None:
-        self.device = next(model.parameters()).device  # for the ranks' sums
-        if step > 0:  # resumed: the engines have the base model's weights (or older ones)
-            self._sync(model, step)
-        self.step_start = time.perf_counter()
-
-    def batches(self, data_batches: Iterator[dict]) -> Iterator[dict]:
-        accumulate = self.recipe.optim.grad_accum_steps
-        for i, prompts in enumerate(data_batches):
-            if i % accumulate == 0:  # a step's first micro-batch: its time starts here, not at
-                self.step_start = time.perf_counter()  # the last one's end (eval, checkpoints)
-            batch = self._experience(prompts, self.o.temperature)
-            if self.o.engine_sleep and i % accumulate == accumulate - 1:
-                parallel.barrier()  # every rank sampled this step's completions
-                if parallel.rank() == 0:
-                    self.rollouts.sleep()
-            yield batch
-
-    def after_step(self, model, step: int) -> None:
-        if self.o.engine_sleep and parallel.rank() == 0:
-            self.rollouts.wake(["weights"])  # the weights on the GPU again, for the sync
-        # An engine whose process died came back (Ray restarts it) with the base weights.
-        stale = self.rollouts.stale() if parallel.rank() == 0 else []
-        if stale and self.o.weight_sync == "nccl":
-            # Its NCCL group went with its process: a restart of the workers (Ray Train's
-            # FailureConfig) resumes from the last checkpoint with new engines and a new group.
-            raise RuntimeError(f"rollout engine(s) {stale} restarted; under weight_sync nccl the "
-                               "run restarts its workers from the last checkpoint")
-        if step % self.o.sync_every == 0:
-            self._sync(model, step)  # every engine, the restarted ones too
-        elif stale:
-            self.rollouts.resync(stale)
-        if self.o.engine_sleep and parallel.rank() == 0:
-            self.rollouts.wake(["kv_cache"])  # and room to sample the next step's completions
-        # every rank reports them, and none samples before every engine has this step's weights
-        (restarts,) = parallel.all_reduce_sum([self.rollouts.restarts], self.device)
-        self._add("engine_restarts", restarts, per_step=True)
-        seconds = self.rollouts.take_seconds()
-        total = time.perf_counter() - self.step_start
-        self._add("time/rollout_s", seconds["rollout"], per_step=True)
-        self._add("time/sync_s", seconds["sync"], per_step=True)
-        self._add("time/update_s", total - seconds["rollout"] - seconds["sync"], per_step=True)
-
-    def take_metrics(self) -> dict[str, float]:
-        metrics = {k: v / max(self.counts[k], 1) for k, v in self.sums.items()}
-        self.sums, self.counts = {}, {}
-        return metrics
-
-    def evaluate(self, batches: Iterable[dict]) -> dict[str, float]:
-        """The mean reward of samples of the held-out prompts; every rank gets the same rows, so
-        each samples its share of them and the sums are added up."""
-        rank, world = parallel.rank(), parallel.world_size()
-        sums = [0.0] * (len(self.rewards) + 2)  # weighted total, each reward, completions
-        for i, prompts in enumerate(batches):
-            if i % world != rank:
-                continue
-            _, scores = self._sample(prompts, self.o.temperature)
-            for per_reward in (s for group in scores for s in group):
-                sums[0] += sum(r.weight * v for r, v in zip(self.rewards, per_reward))
-                for j, v in enumerate(per_reward):
-                    sums[1 + j] += v
-                sums[-1] += 1
-        total, *each, count = parallel.all_reduce_sum(sums, self.device)
-        return {"eval_reward": total / max(count, 1),
-                **{f"eval_reward/{r.name}": v / max(count, 1) for r, v in zip(self.rewards, each)}}
-
-    def _sync(self, model, step: int) -> None:
-        if self.o.weight_sync == "nccl":
-            self.rollouts.sync_nccl(parallel.unwrap(model), version=step)
-            return
-        start = time.perf_counter()
-        weights = engine_weights(model, self.recipe)  # every rank: gathered under FSDP
-        self.rollouts.seconds["sync"] += time.perf_counter() - start  # copying out is syncing too
-        if parallel.rank() == 0:
-            self.rollouts.sync(weights, version=step)
-        self.rollouts.version = step
-
-    def _sample(self, prompts: dict, temperature: float):
-        lengths = prompts["prompt_len"].tolist()
-        ids = [row[:n].tolist() for row, n in zip(prompts["prompt_ids"], lengths)]
-        most = min(self.o.max_completion_tokens, self.max_len - max(lengths))
-        groups = self.rollouts.generate(ids, n=self.o.num_generations, temperature=temperature,
-                                        max_tokens=most)
-        scores = [[score(self.rewards, str(text), c.text, json.loads(str(fields)), str(source))
-                   for c in group]
-                  for group, text, fields, source in zip(groups, prompts["prompt_text"],
-                                                         prompts["fields"], prompts["source"])]
-        return groups, scores
-
-    def _experience(self, prompts: dict, temperature: float) -> dict:
-        start = time.perf_counter()
-        groups, scores = self._sample(prompts, temperature)
-        weights = torch.tensor([r.weight for r in self.rewards])
-        per_reward = torch.tensor([s for group in scores for s in group])  # [completions, rewards]
-        rewards = per_reward @ weights
-        advantages = group_advantages(rewards, self.o.num_generations, self.o.scale_rewards)
-        completions = [c for group in groups for c in group]
-        tokens = sum(len(c.token_ids) for c in completions)
-        self._add("reward", float(rewards.mean()))
-        self._add("reward_std", float(rewards.view(-1, self.o.num_generations).std(1).mean()))
-        for reward, values in zip(self.rewards, per_reward.T):
-            self._add(f"reward/{reward.name}", float(values.mean()))
-        self._add("completion_tokens", tokens / len(completions))
-        self._add("completions_finished", sum(c.finished for c in completions) / len(completions))
-        self._add("rollout_tokens_per_s", tokens / max(time.perf_counter() - start, 1e-9))
-        lengths = prompts["prompt_len"].tolist()
-        prompt_ids = [row[:n].tolist() for row, n in zip(prompts["prompt_ids"], lengths)
-                      for _ in range(self.o.num_generations)]
-        return completion_batch(prompt_ids, completions, advantages)
-
-    def _add(self, name: str, value: float, per_step: bool = False) -> None:
-        self.sums[name] = self.sums.get(name, 0.0) + value
-        self.counts[name] = 1 if per_step else self.counts.get(name, 0) + 1
-
-
-def completion_batch(prompt_ids: list[list[int]], completions: list, advantages: torch.Tensor) -> dict:
-    """One row per completion, right-padded to the longest: labels on the completion only, the
-    engine's log-probabilities aligned with labels[:, 1:]."""
-    length = max(len(p) + len(c.token_ids) for p, c in zip(prompt_ids, completions))
-    ids = torch.zeros(len(completions), length, dtype=torch.long)
-    labels = torch.full((len(completions), length), IGNORE, dtype=torch.long)
-    sampling = torch.zeros(len(completions), length - 1)
-    for i, (prompt, c) in enumerate(zip(prompt_ids, completions)):
-        p, n = len(prompt), len(c.token_ids)
-        ids[i, :p + n] = torch.tensor(prompt + c.token_ids)
-        labels[i, p:p + n] = torch.tensor(c.token_ids)
-        sampling[i, p - 1:p - 1 + n] = torch.tensor(c.logprobs)
-    return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(length).expand_as(ids),
-            "advantages": advantages.float(), "sampling_logps": sampling,
-            "num_tokens": torch.tensor([len(p) + len(c.token_ids) for p, c in zip(prompt_ids, completions)])}
-
-
-def engine_weights(model, recipe) -> "dict | Adapter":
-    """What the engines need from the model: the full weights, or LoRA's adapter alone."""
-    weights = parallel.trainable_state_dict(model)
-    if recipe.method.type != "lora":
-        return weights
-    return Adapter({k.replace(".default.", "."): v for k, v in weights.items()},
-                   scale=recipe.method.alpha / recipe.method.rank)
