@@ -183,7 +183,9 @@ class TrainRun:
         client = mlflow_client(self.uri)
         client.set_tag(self.run_id, ENTRY_TAG, entry)
         history = read_manifest(entry)["history"]
-        seen = {m.step for m in client.get_metric_history(self.run_id, "loss")}
+        # a report was logged if its first metric was (GRPO's step-0 report has no loss)
+        firsts = {next((k for k in _numeric(h) if k != "step"), None) for h in history} - {None}
+        seen = {m.step for name in firsts for m in client.get_metric_history(self.run_id, name)}
         log_metrics(client, self.run_id, [h for h in history if h["step"] not in seen])
         with tempfile.TemporaryDirectory(prefix="attune-mlflow-") as tmp:
             curve = Path(tmp, "loss_curve.png")
