@@ -112,13 +112,13 @@ def test_a_lost_worker_resumes_and_its_new_engines_get_the_checkpoints_weights(
 
 
 def test_a_reward_that_fails_stops_the_run_in_one_line(tiny_full_entry, tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(
+    (tmp_path / "grpo_topic_rewards.py").write_text(
         "def needs_topic(prompt, completion, **fields):\n    return len(fields['topic'])\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises((ConfigError, RewardError)) as failure:
-        run(tiny_full_entry, "grpo-bad-reward", "method.rewards=[{function: 'my_rewards:needs_topic'}]")
+        run(tiny_full_entry, "grpo-bad-reward", "method.rewards=[{function: 'grpo_topic_rewards:needs_topic'}]")
     message = str(failure.value)
-    assert "\n" not in message and "my_rewards:needs_topic" in message
+    assert "\n" not in message and "grpo_topic_rewards:needs_topic" in message
     # found on the driver, before any engine started: the first line checked names itself
     assert re.search(r"data/transformer_qa_prompts\.jsonl:\d+: raised KeyError: 'topic'", message)
 
